@@ -1,0 +1,126 @@
+"""Next-token sampling for a batch, each row with its own parameters; tensors stay on the device.
+
+Filtering (top_k, top_p, min_p) works on the top `num_candidates` tokens of each row, which is exact
+whenever every row's kept set lies inside them; otherwise the batch falls back to a full sort.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+
+from fdkit.engine.sequence import Sequence
+
+NUM_CANDIDATES = 256
+
+
+class Sampler:
+    def __init__(self, eos_token_ids: list[int]):
+        self.eos_token_ids = list(eos_token_ids)
+
+    def __call__(self, logits: paddle.Tensor, seqs: list[Sequence]) -> list[int]:
+        logits = logits.astype("float32")
+        params = [seq.params for seq in seqs]
+        if any(p.has_penalties for p in params):
+            logits = self._apply_penalties(logits, seqs)
+        logits = self._ban_early_stops(logits, seqs)
+        greedy = np.array([p.is_greedy for p in params])
+        if greedy.all():
+            return paddle.argmax(logits, axis=-1).tolist()
+        uniforms = paddle.to_tensor(np.array([seq.rng.random() for seq in seqs], dtype=np.float32))
+        temperatures = np.array([1.0 if g else p.temperature for g, p in zip(greedy, params, strict=True)])
+        probs = F.softmax(logits / paddle.to_tensor(temperatures[:, None], dtype="float32"), axis=-1)
+        tokens = self._sample(probs, params, uniforms)
+        if greedy.any():
+            tokens = np.where(greedy, paddle.argmax(logits, axis=-1).numpy(), tokens)
+        return [int(t) for t in tokens]
+
+    def _apply_penalties(self, logits: paddle.Tensor, seqs: list[Sequence]) -> paddle.Tensor:
+        """OpenAI's frequency/presence penalties on generated tokens; repetition penalty (HF/vLLM)
+        on every token seen, prompt included."""
+        num_rows, vocab_size = logits.shape
+        counts = np.zeros((num_rows, vocab_size), dtype=np.float32)
+        seen = np.zeros((num_rows, vocab_size), dtype=bool)
+        for i, seq in enumerate(seqs):
+            ids = _in_vocab(seq.token_ids, vocab_size)
+            counts[i] = np.bincount(_in_vocab(seq.completion_token_ids, vocab_size), minlength=vocab_size)
+            seen[i, ids] = True
+        column = lambda name: paddle.to_tensor(  # noqa: E731
+            np.array([getattr(s.params, name) for s in seqs], dtype=np.float32)[:, None]
+        )
+        rep = column("repetition_penalty")
+        seen_t = paddle.to_tensor(seen)
+        penalized = paddle.where(logits > 0, logits / rep, logits * rep)
+        logits = paddle.where(seen_t, penalized, logits)
+        counts_t = paddle.to_tensor(counts)
+        logits = logits - column("frequency_penalty") * counts_t
+        return logits - column("presence_penalty") * (counts_t > 0).astype("float32")
+
+    def _ban_early_stops(self, logits: paddle.Tensor, seqs: list[Sequence]) -> paddle.Tensor:
+        """No EOS or stop token before min_tokens; no EOS when ignore_eos."""
+        banned = []
+        for i, seq in enumerate(seqs):
+            p = seq.params
+            ids = list(p.stop_token_ids) if seq.num_completion_tokens < p.min_tokens else []
+            if seq.num_completion_tokens < p.min_tokens or p.ignore_eos:
+                ids += self.eos_token_ids
+            banned += [(i, t) for t in ids if 0 <= t < logits.shape[1]]
+        if not banned:
+            return logits
+        rows, cols = zip(*banned, strict=True)
+        index = paddle.to_tensor(np.array([rows, cols], dtype=np.int64).T)
+        return paddle.scatter_nd_add(logits, index, paddle.full([len(rows)], -np.inf, dtype="float32"))
+
+    def _sample(self, probs: paddle.Tensor, params, uniforms: paddle.Tensor) -> np.ndarray:
+        """Inverse-CDF sampling: row i takes the first token whose cumulative probability passes u_i."""
+        top_k = np.array([p.top_k for p in params])
+        top_p = np.array([p.top_p for p in params], dtype=np.float32)
+        min_p = np.array([p.min_p for p in params], dtype=np.float32)
+        is_filtered = (top_k > 0) | (top_p < 1) | (min_p > 0)
+        tokens = np.zeros(len(params), dtype=np.int64)
+        if (~is_filtered).any():
+            tokens = _inverse_cdf(probs, uniforms)
+        if is_filtered.any():
+            vocab_size = probs.shape[1]
+            num_candidates = min(vocab_size, max(NUM_CANDIDATES, int(top_k.max())))
+            cand_probs, cand_ids = paddle.topk(probs, num_candidates)
+            keep = _keep_mask(cand_probs, top_k, top_p, min_p)
+            if num_candidates < vocab_size and not _is_exact(keep, cand_probs, is_filtered):
+                cand_probs, cand_ids = paddle.topk(probs, vocab_size)
+                keep = _keep_mask(cand_probs, top_k, top_p, min_p)
+            kept = cand_probs * keep.astype("float32")
+            picked = _inverse_cdf(kept / kept.sum(axis=-1, keepdim=True), uniforms)
+            filtered_tokens = paddle.take_along_axis(cand_ids, paddle.to_tensor(picked[:, None]), axis=1)
+            tokens = np.where(is_filtered, filtered_tokens.numpy()[:, 0], tokens)
+        return tokens
+
+
+def _keep_mask(cand_probs: paddle.Tensor, top_k, top_p, min_p) -> paddle.Tensor:
+    """Which of the (descending) candidates survive top_k, top_p and min_p; the first always does."""
+    num_candidates = cand_probs.shape[1]
+    ranks = paddle.arange(num_candidates).unsqueeze(0)
+    k = np.where(top_k > 0, top_k, num_candidates)
+    keep = ranks < paddle.to_tensor(k[:, None])
+    mass_before = paddle.cumsum(cand_probs, axis=-1) - cand_probs
+    keep = keep & (mass_before < paddle.to_tensor(top_p[:, None]))
+    threshold = cand_probs[:, :1] * paddle.to_tensor(min_p[:, None])
+    return keep & (cand_probs >= threshold)
+
+
+def _is_exact(keep: paddle.Tensor, cand_probs: paddle.Tensor, is_filtered: np.ndarray) -> bool:
+    """True when every filtered row dropped its last candidate, so nothing beyond the cut survives."""
+    last_dropped = ~keep[:, -1].numpy()
+    return bool(np.all(last_dropped | ~is_filtered))
+
+
+def _inverse_cdf(probs: paddle.Tensor, uniforms: paddle.Tensor) -> np.ndarray:
+    cdf = paddle.cumsum(probs, axis=-1)
+    total = cdf[:, -1:]
+    index = (cdf < uniforms.unsqueeze(1) * total).astype("int64").sum(axis=-1)
+    return np.minimum(index.numpy(), probs.shape[1] - 1)
+
+
+def _in_vocab(token_ids: list[int], vocab_size: int) -> np.ndarray:
+    ids = np.asarray(token_ids, dtype=np.int64)
+    return ids[(ids >= 0) & (ids < vocab_size)]

@@ -1,0 +1,106 @@
+"""Model building blocks shared by decoder-only models: RMSNorm, rotary embedding, paged attention."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+from paddle import nn
+
+from fdkit.parallel import assign
+
+
+class RMSNorm(nn.Layer):
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = self.create_parameter([hidden_size], default_initializer=nn.initializer.Constant(1.0))
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        variance = x.astype("float32").pow(2).mean(axis=-1, keepdim=True)
+        return (x.astype("float32") * paddle.rsqrt(variance + self.eps)).astype(x.dtype) * self.weight
+
+    def load(self, parts: list[np.ndarray], name: str) -> None:
+        assign(self.weight, parts[0], name)
+
+
+class InterleavedRotaryEmbedding(nn.Layer):
+    """RoPE over adjacent pairs (x[2i], x[2i+1]) with frequency theta^(-2i/d), as GLM and ERNIE 4.5 use.
+
+    out = x * cos + swap_pairs(x) * sin_signed, where swap_pairs maps (a, b) to (b, a) and sin_signed
+    is (-sin, +sin) per pair: one multiply-add instead of slicing each pair.
+    """
+
+    def __init__(self, head_dim: int, theta: float, max_position: int):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (paddle.arange(0, head_dim, 2, dtype="float32") / head_dim))
+        freqs = paddle.outer(paddle.arange(max_position, dtype="float32"), inv_freq)  # [P, d/2]
+        self.register_buffer("cos", freqs.cos().repeat_interleave(2, axis=-1), persistable=False)
+        sin = freqs.sin()
+        self.register_buffer("sin", paddle.stack([-sin, sin], axis=-1).flatten(1), persistable=False)
+
+    def forward(self, positions: paddle.Tensor, *xs: paddle.Tensor) -> list[paddle.Tensor]:
+        """xs are [tokens, heads, head_dim]; positions [tokens]."""
+        cos = self.cos[positions].unsqueeze(1)
+        sin = self.sin[positions].unsqueeze(1)
+        return [self._rotate(x, cos, sin) for x in xs]
+
+    @staticmethod
+    def _rotate(x: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor) -> paddle.Tensor:
+        swapped = x.reshape([*x.shape[:-1], -1, 2]).flip(-1).reshape(x.shape)
+        return (x.astype("float32") * cos + swapped.astype("float32") * sin).astype(x.dtype)
+
+
+@dataclass
+class AttentionBatch:
+    """Where one step's tokens go in the paged KV cache and what each may attend to.
+
+    The batch is laid out as `num_seqs` rows of `max_query_len` query slots (decode: 1 slot each).
+    """
+
+    slot_mapping: paddle.Tensor  # [num_tokens] flat cache slot written by each new token
+    query_index: paddle.Tensor | None  # [num_seqs * max_query_len] token of each query slot (None: identity)
+    token_index: paddle.Tensor | None  # [num_tokens] query slot of each token (None: identity)
+    key_slots: paddle.Tensor  # [num_seqs, max_key_len] flat cache slot of each visible key (padded)
+    mask: paddle.Tensor  # [num_seqs, 1, 1, max_query_len, max_key_len] additive: 0 or -inf
+    num_seqs: int
+    max_query_len: int
+    last_token_index: paddle.Tensor  # [num_seqs] the token whose logits are needed
+
+
+class PagedAttention(nn.Layer):
+    """Writes new keys/values into the cache, then attends over each sequence's cached keys.
+
+    Queries of a KV group share its keys without copying them (grouped-query attention).
+    """
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = head_dim**-0.5
+
+    def forward(self, q, k, v, k_cache, v_cache, batch: AttentionBatch) -> paddle.Tensor:
+        """q: [tokens, heads, d]; k, v: [tokens, kv_heads, d]; caches: [slots, kv_heads, d]."""
+        k_cache[batch.slot_mapping] = k
+        v_cache[batch.slot_mapping] = v
+        b, lq, g = batch.num_seqs, batch.max_query_len, self.num_heads // self.num_kv_heads
+        if batch.query_index is not None:
+            q = paddle.gather(q, batch.query_index)
+        q = q.reshape([b, lq, self.num_kv_heads, g, self.head_dim]).transpose([0, 2, 3, 1, 4])
+        q = q.reshape([b, self.num_kv_heads, g * lq, self.head_dim])
+        keys, values = (self._gather(cache, batch.key_slots) for cache in (k_cache, v_cache))
+        scores = paddle.matmul(q, keys, transpose_y=True) * self.scale  # [b, kvh, g*lq, lk]
+        scores = scores.reshape([b, self.num_kv_heads, g, lq, -1]) + batch.mask
+        probs = F.softmax(scores.astype("float32"), axis=-1).astype(q.dtype)
+        out = paddle.matmul(probs.reshape([b, self.num_kv_heads, g * lq, -1]), values)
+        out = out.reshape([b, self.num_kv_heads, g, lq, self.head_dim]).transpose([0, 3, 1, 2, 4])
+        out = out.reshape([b * lq, self.num_heads * self.head_dim])
+        return out if batch.token_index is None else paddle.gather(out, batch.token_index)
+
+    def _gather(self, cache: paddle.Tensor, slots: paddle.Tensor) -> paddle.Tensor:
+        b, lk = slots.shape
+        gathered = paddle.gather(cache, slots.flatten()).reshape([b, lk, self.num_kv_heads, self.head_dim])
+        return gathered.transpose([0, 2, 1, 3])  # [b, kvh, lk, d]
+

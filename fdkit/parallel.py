@@ -1,0 +1,147 @@
+"""Tensor parallelism: the process group, and linear / embedding layers that hold one rank's shard.
+
+Paddle's `Linear.weight` is [in, out]: a column split is axis 1, a row split axis 0. Loaders take full
+tensors in that orientation and keep only this rank's slice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import paddle
+import paddle.distributed as dist
+from paddle import nn
+
+
+@dataclass
+class ParallelState:
+    rank: int = 0
+    world_size: int = 1
+    group: object | None = None
+
+
+_state = ParallelState()
+
+
+def get_parallel_state() -> ParallelState:
+    return _state
+
+
+def set_parallel_state(rank: int, world_size: int, group: object | None = None) -> None:
+    _state.rank, _state.world_size, _state.group = rank, world_size, group
+
+
+def all_reduce(x: paddle.Tensor) -> paddle.Tensor:
+    if _state.world_size > 1:
+        dist.all_reduce(x, group=_state.group)
+    return x
+
+
+def all_gather_last_axis(x: paddle.Tensor) -> paddle.Tensor:
+    if _state.world_size == 1:
+        return x
+    parts: list[paddle.Tensor] = []
+    dist.all_gather(parts, x, group=_state.group)
+    return paddle.concat(parts, axis=-1)
+
+
+def shard(array: np.ndarray, axis: int, num_shards: int | None = None, index: int | None = None) -> np.ndarray:
+    num_shards = _state.world_size if num_shards is None else num_shards
+    index = _state.rank if index is None else index
+    size = array.shape[axis] // num_shards
+    return np.take(array, np.arange(index * size, (index + 1) * size), axis=axis)
+
+
+def assign(param: paddle.Tensor, array: np.ndarray, name: str) -> None:
+    if tuple(param.shape) != tuple(array.shape):
+        raise ValueError(f"{name}: checkpoint shard has shape {list(array.shape)}, expected {param.shape}")
+    param.set_value(paddle.to_tensor(np.ascontiguousarray(array, dtype=np.float32)).astype(param.dtype))
+
+
+def _zeros_param(layer: nn.Layer, shape: list[int]) -> paddle.Tensor:
+    return layer.create_parameter(shape, default_initializer=nn.initializer.Constant(0.0))
+
+
+class ColumnParallelLinear(nn.Layer):
+    """y = x W with W's output features split across ranks (axis 1); outputs stay sharded."""
+
+    def __init__(self, in_features: int, out_sizes: list[int]):
+        super().__init__()
+        self.out_sizes = [size // _state.world_size for size in out_sizes]
+        self.weight = _zeros_param(self, [in_features, sum(self.out_sizes)])
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return paddle.matmul(x, self.weight)
+
+    def load(self, parts: list[np.ndarray], name: str) -> None:
+        """`parts` are the full [in, out_i] tensors of the fused outputs, in order."""
+        assign(self.weight, np.concatenate([shard(p, axis=1) for p in parts], axis=1), name)
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """Query, key and value projections fused; heads split across ranks, KV heads replicated when
+    there are fewer of them than ranks."""
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int):
+        world_size = _state.world_size
+        assert num_heads % world_size == 0, f"{num_heads} attention heads do not split over {world_size} ranks"
+        self.num_kv_replicas = max(1, world_size // num_kv_heads)
+        self.num_local_kv_heads = max(1, num_kv_heads // world_size)
+        self.head_dim = head_dim
+        local_kv = self.num_local_kv_heads * head_dim * world_size
+        super().__init__(hidden_size, [num_heads * head_dim, local_kv, local_kv])
+
+    def load(self, parts: list[np.ndarray], name: str) -> None:
+        q, k, v = parts
+        kv_index = _state.rank // self.num_kv_replicas
+        num_kv_shards = _state.world_size // self.num_kv_replicas
+        k, v = (shard(t, axis=1, num_shards=num_kv_shards, index=kv_index) for t in (k, v))
+        assign(self.weight, np.concatenate([shard(q, axis=1), k, v], axis=1), name)
+
+
+class RowParallelLinear(nn.Layer):
+    """y = x W with W's input features split across ranks (axis 0); partial sums are all-reduced."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = _zeros_param(self, [in_features // _state.world_size, out_features])
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return all_reduce(paddle.matmul(x, self.weight))
+
+    def load(self, parts: list[np.ndarray], name: str) -> None:
+        assign(self.weight, shard(parts[0], axis=0), name)
+
+
+class VocabParallelEmbedding(nn.Layer):
+    """Embedding rows split across ranks (axis 0); a rank looks up only ids in its range."""
+
+    def __init__(self, vocab_size: int, hidden_size: int):
+        super().__init__()
+        self.num_local_rows = -(-vocab_size // _state.world_size)
+        self.row_start = _state.rank * self.num_local_rows
+        self.vocab_size = vocab_size
+        self.weight = _zeros_param(self, [self.num_local_rows, hidden_size])
+
+    def forward(self, ids: paddle.Tensor) -> paddle.Tensor:
+        if _state.world_size == 1:
+            return nn.functional.embedding(ids, self.weight)
+        local = ids - self.row_start
+        is_mine = (local >= 0) & (local < self.num_local_rows)
+        out = nn.functional.embedding(paddle.where(is_mine, local, paddle.zeros_like(local)), self.weight)
+        return all_reduce(out * is_mine.unsqueeze(-1).astype(out.dtype))
+
+    def load(self, parts: list[np.ndarray], name: str) -> None:
+        rows = parts[0][self.row_start : self.row_start + self.num_local_rows]
+        if rows.shape[0] < self.num_local_rows:  # the last rank's padding rows stay zero
+            rows = np.concatenate([rows, np.zeros((self.num_local_rows - rows.shape[0], rows.shape[1]))])
+        assign(self.weight, rows, name)
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """logits = x E^T with the [vocab, hidden] matrix split by rows; shards gathered on the vocab axis."""
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        logits = all_gather_last_axis(paddle.matmul(x, self.weight, transpose_y=True))
+        return logits[..., : self.vocab_size]

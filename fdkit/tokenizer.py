@@ -1,0 +1,134 @@
+"""SentencePiece tokenizer with atomic special/added tokens, chat templates and streaming decoding."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import sentencepiece as spm
+from jinja2.exceptions import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "cls_token", "sep_token", "mask_token")
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _content(token: Any) -> str | None:
+    return token.get("content") if isinstance(token, dict) else token
+
+
+class Tokenizer:
+    """Ids are SentencePiece's own for plain text; special and added tokens are never split."""
+
+    def __init__(self, folder: str | Path, default_chat_template: str | None = None):
+        folder = Path(folder)
+        model_file = folder / "tokenizer.model"
+        if not model_file.is_file():
+            raise FileNotFoundError(f"{folder}: no tokenizer.model (a SentencePiece model) in the checkpoint")
+        self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        config = _read_json(folder / "tokenizer_config.json")
+        special_map = {**config, **_read_json(folder / "special_tokens_map.json")}
+        self.special_tokens = {k: _content(special_map[k]) for k in SPECIAL_KEYS if special_map.get(k)}
+        self.added_token_ids = self._collect_added(folder, config)
+        extra = [_content(t) for t in special_map.get("additional_special_tokens") or []]
+        special_texts = set(self.special_tokens.values()) | {t for t in extra if t}
+        self.atomic_token_ids = {t: self._piece_id(t) for t in special_texts | set(self.added_token_ids)}
+        self.atomic_token_ids = {t: i for t, i in self.atomic_token_ids.items() if i is not None}
+        self.id_to_atomic = {i: t for t, i in self.atomic_token_ids.items()}
+        self.special_ids = {self.atomic_token_ids[t] for t in special_texts if t in self.atomic_token_ids}
+        self.special_ids |= {i for i in range(self.sp.get_piece_size()) if self.sp.is_control(i)}
+        ordered = sorted(self.atomic_token_ids, key=len, reverse=True)
+        self._split_re = re.compile("(" + "|".join(map(re.escape, ordered)) + ")") if ordered else None
+        self.vocab_size = max([self.sp.get_piece_size(), *[i + 1 for i in self.id_to_atomic]])
+        self.chat_template = config.get("chat_template") or default_chat_template
+        self._template_env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        self._template_env.globals["raise_exception"] = _raise_template_error
+
+    def _collect_added(self, folder: Path, config: dict) -> dict[str, int]:
+        added = {str(k): int(v) for k, v in _read_json(folder / "added_tokens.json").items()}
+        for token_id, token in (config.get("added_tokens_decoder") or {}).items():
+            added.setdefault(_content(token), int(token_id))
+        return added
+
+    def _piece_id(self, text: str) -> int | None:
+        if text in self.added_token_ids:
+            return self.added_token_ids[text]
+        piece_id = self.sp.piece_to_id(text)
+        return None if piece_id == self.sp.unk_id() and text != self.sp.id_to_piece(piece_id) else piece_id
+
+    def token_id(self, key: str) -> int | None:
+        """Id of a named special token, e.g. token_id("eos_token")."""
+        text = self.special_tokens.get(key)
+        return self.atomic_token_ids.get(text) if text else None
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.token_id("eos_token")
+
+    def encode(self, text: str) -> list[int]:
+        ids: list[int] = []
+        for chunk in self._split_re.split(text) if self._split_re else [text]:
+            if chunk in self.atomic_token_ids:
+                ids.append(self.atomic_token_ids[chunk])
+            elif chunk:
+                ids.extend(self.sp.encode(chunk))
+        return ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        parts: list[str] = []
+        run: list[int] = []
+        num_pieces = self.sp.get_piece_size()
+        for token_id in ids:
+            if skip_special_tokens and token_id in self.special_ids:
+                continue
+            if token_id in self.id_to_atomic:
+                parts.append(self.sp.decode(run))
+                parts.append(self.id_to_atomic[token_id])
+                run = []
+            elif 0 <= token_id < num_pieces:
+                run.append(token_id)
+        parts.append(self.sp.decode(run))
+        return "".join(parts)
+
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = True, **template_kwargs: Any
+    ) -> str:
+        if not self.chat_template:
+            raise ValueError("this tokenizer has no chat_template; pass a prompt instead of messages")
+        template = self._template_env.from_string(self.chat_template)
+        variables = {**self.special_tokens, **template_kwargs}
+        return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+
+    def decoder(self, skip_special_tokens: bool = True) -> IncrementalDecoder:
+        return IncrementalDecoder(self, skip_special_tokens)
+
+
+def _raise_template_error(message: str) -> None:
+    raise TemplateError(message)
+
+
+class IncrementalDecoder:
+    """Turns a stream of token ids into text deltas that never end inside a UTF-8 character."""
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.token_ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def step(self, token_id: int) -> str:
+        self.token_ids.append(token_id)
+        decode = lambda ids: self.tokenizer.decode(ids, self.skip_special_tokens)  # noqa: E731
+        prefix_text = decode(self.token_ids[self.prefix_offset : self.read_offset])
+        new_text = decode(self.token_ids[self.prefix_offset :])
+        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
+            return ""  # wait for the rest of a multi-byte character
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
+        return new_text[len(prefix_text) :]
