@@ -85,7 +85,9 @@ class CheckpointReader:
             paths = [self.folder / name for name in dict.fromkeys(weight_map.values())]
             for path in paths:
                 if not path.is_file():
-                    raise CheckpointError(f"{INDEX_FILE} names {path.name}, which is missing from {self.folder}")
+                    raise CheckpointError(
+                        f"{INDEX_FILE} names {path.name}, which is missing from {self.folder}"
+                    )
             return paths
         paths = sorted(self.folder.glob("*.safetensors"))
         if not paths:
@@ -130,8 +132,11 @@ def save_safetensors(tensors: dict[str, np.ndarray], path: Path, bf16: bool = Fa
         else:
             data = array
         blob = data.tobytes()
-        header[name] = {"dtype": "BF16" if bf16 else "F32", "shape": list(array.shape),
-                        "data_offsets": [offset, offset + len(blob)]}
+        header[name] = {
+            "dtype": "BF16" if bf16 else "F32",
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + len(blob)],
+        }
         blobs.append(blob)
         offset += len(blob)
     header_bytes = json.dumps(header).encode()

@@ -46,7 +46,9 @@ def all_gather_last_axis(x: paddle.Tensor) -> paddle.Tensor:
     return paddle.concat(parts, axis=-1)
 
 
-def shard(array: np.ndarray, axis: int, num_shards: int | None = None, index: int | None = None) -> np.ndarray:
+def shard(
+    array: np.ndarray, axis: int, num_shards: int | None = None, index: int | None = None
+) -> np.ndarray:
     num_shards = _state.world_size if num_shards is None else num_shards
     index = _state.rank if index is None else index
     size = array.shape[axis] // num_shards
@@ -85,7 +87,9 @@ class QKVParallelLinear(ColumnParallelLinear):
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int):
         world_size = _state.world_size
-        assert num_heads % world_size == 0, f"{num_heads} attention heads do not split over {world_size} ranks"
+        assert num_heads % world_size == 0, (
+            f"{num_heads} attention heads do not split over {world_size} ranks"
+        )
         self.num_kv_replicas = max(1, world_size // num_kv_heads)
         self.num_local_kv_heads = max(1, num_kv_heads // world_size)
         self.head_dim = head_dim

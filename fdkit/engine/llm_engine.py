@@ -37,12 +37,14 @@ class RequestOutput:
 class LLM:
     """ERNIE 4.5 in-process: `LLM(path)`, `LLM.from_config(["model=ernie"])`, then generate or chat."""
 
-    def __init__(self, model_path: str | Path | None = None, *, config: DictConfig | None = None,
-                 **engine_overrides):
+    def __init__(
+        self, model_path: str | Path | None = None, *, config: DictConfig | None = None, **engine_overrides
+    ):
         if config is None:
             overrides = to_overrides(engine_overrides, "engine")
-            if model_path is not None:
-                overrides.append(f"model.path={model_path}")
+            if model_path is not None:  # a folder of the user's: never written to
+                name = Path(model_path).name
+                overrides += ["model=ernie", f"model.path={model_path}", f"model.name={name}"]
             config = load_config(overrides)
         self.config = config
         self._closed = False
@@ -70,8 +72,10 @@ class LLM:
         engine = config.engine
         max_num_batched_tokens = engine.max_num_batched_tokens or max(self.max_model_len, 2048)
         if max_num_batched_tokens < self.max_model_len:
-            raise ValueError(f"engine.max_num_batched_tokens ({max_num_batched_tokens}) must be at least "
-                             f"max_model_len ({self.max_model_len}): a prompt is prefilled in one step")
+            raise ValueError(
+                f"engine.max_num_batched_tokens ({max_num_batched_tokens}) must be at least "
+                f"max_model_len ({self.max_model_len}): a prompt is prefilled in one step"
+            )
         self.block_manager = BlockManager(self.runner.num_blocks, engine.block_size)
         self.scheduler = Scheduler(
             SchedulerConfig(engine.max_num_seqs, max_num_batched_tokens, self.max_model_len),
@@ -79,13 +83,18 @@ class LLM:
         )
         self.rng = np.random.default_rng(engine.seed)
         self.requests: dict[str, Sequence] = {}
-        logger.info("engine ready: %s, %d KV blocks of %d tokens", model_path, self.runner.num_blocks,
-                    engine.block_size)
+        logger.info(
+            "engine ready: %s, %d KV blocks of %d tokens",
+            model_path,
+            self.runner.num_blocks,
+            engine.block_size,
+        )
 
     # -- requests ---------------------------------------------------------------------------------
 
-    def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+    def add_request(
+        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
+    ) -> str:
         params = params or SamplingParams()
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._validate_prompt(token_ids, params)
@@ -162,18 +171,28 @@ class LLM:
             hold = max(len(s) for s in seq.params.stop) - 1  # a stop string may be arriving
             text = text[: max(0, len(text) - hold)]
         return RequestOutput(
-            request_id=seq.request_id, prompt=getattr(seq, "prompt", None),
-            prompt_token_ids=seq.prompt_token_ids, text=text, token_ids=seq.completion_token_ids,
-            finish_reason=seq.finish_reason, finished=seq.is_finished,
-            metrics={"arrival_time": seq.arrival_time, "first_token_time": seq.first_token_time,
-                     "num_preemptions": seq.num_preemptions},
+            request_id=seq.request_id,
+            prompt=getattr(seq, "prompt", None),
+            prompt_token_ids=seq.prompt_token_ids,
+            text=text,
+            token_ids=seq.completion_token_ids,
+            finish_reason=seq.finish_reason,
+            finished=seq.is_finished,
+            metrics={
+                "arrival_time": seq.arrival_time,
+                "first_token_time": seq.first_token_time,
+                "num_preemptions": seq.num_preemptions,
+            },
         )
 
     # -- convenience --------------------------------------------------------------------------------
 
-    def generate(self, prompts: Prompt | Seq[Prompt],
-                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: Prompt | Seq[Prompt],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
         prompts = [prompts] if isinstance(prompts, str) or _is_token_list(prompts) else list(prompts)
         if not isinstance(sampling_params, Seq):
             sampling_params = [sampling_params or SamplingParams()] * len(prompts)
@@ -187,14 +206,21 @@ class LLM:
                         bar.update(1)
         return [results[rid] for rid in request_ids]
 
-    def chat(self, messages: list[dict] | list[list[dict]],
-             sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-             enable_thinking: bool | None = None, use_tqdm: bool = True, **template_kwargs) -> list[RequestOutput]:
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        enable_thinking: bool | None = None,
+        use_tqdm: bool = True,
+        **template_kwargs,
+    ) -> list[RequestOutput]:
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         if enable_thinking is not None:
             template_kwargs["enable_thinking"] = enable_thinking
-        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, **template_kwargs)
-                   for c in conversations]
+        prompts = [
+            self.tokenizer.apply_chat_template(c, add_generation_prompt=True, **template_kwargs)
+            for c in conversations
+        ]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def close(self) -> None:
@@ -215,13 +241,15 @@ class LLM:
 def ensure_checkpoint(model_cfg: DictConfig) -> Path:
     """The checkpoint folder; a `tiny_preset` model is written there on first use."""
     path = resolve_path(model_cfg.path)
-    if not (path / "config.json").is_file() and model_cfg.get("tiny_preset"):
+    if not path.exists() and model_cfg.get("tiny_preset"):
         from fdkit.tiny import write_checkpoint
 
         logger.info("writing the %s checkpoint to %s", model_cfg.tiny_preset, path)
         write_checkpoint(path, model_cfg.tiny_preset, model_cfg.tiny_layout, model_cfg.tiny_seed)
     if not path.is_dir():
-        raise FileNotFoundError(f"model folder not found: {path} (set model.path=... to an ERNIE 4.5 checkpoint)")
+        raise FileNotFoundError(
+            f"model folder not found: {path} (set model.path=... to an ERNIE 4.5 checkpoint)"
+        )
     return path
 
 
@@ -251,4 +279,3 @@ def _cut_at_stop(seq: Sequence, previous_len: int) -> bool:
 
 def _is_token_list(value) -> bool:
     return isinstance(value, list) and bool(value) and isinstance(value[0], int)
-

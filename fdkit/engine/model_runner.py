@@ -59,7 +59,8 @@ class ModelRunner:
         if num_blocks < needed:
             raise CheckpointError(
                 f"the KV cache holds {num_blocks} blocks of {self.block_size} tokens, but max_model_len "
-                f"{self.max_model_len} needs {needed}: raise engine.kv_cache_gib or lower engine.max_model_len"
+                f"{self.max_model_len} needs {needed}: raise engine.kv_cache_gib or lower "
+                "engine.max_model_len"
             )
         return num_blocks
 

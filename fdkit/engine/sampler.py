@@ -58,14 +58,12 @@ class Sampler:
         return logits - column("presence_penalty") * (counts_t > 0).astype("float32")
 
     def _ban_early_stops(self, logits: paddle.Tensor, seqs: list[Sequence]) -> paddle.Tensor:
-        """No EOS or stop token before min_tokens; no EOS when ignore_eos."""
+        """No EOS or stop token before min_tokens (ignore_eos does not ban EOS: it only does not stop)."""
         banned = []
         for i, seq in enumerate(seqs):
-            p = seq.params
-            ids = list(p.stop_token_ids) if seq.num_completion_tokens < p.min_tokens else []
-            if seq.num_completion_tokens < p.min_tokens or p.ignore_eos:
-                ids += self.eos_token_ids
-            banned += [(i, t) for t in ids if 0 <= t < logits.shape[1]]
+            if seq.num_completion_tokens < seq.params.min_tokens:
+                ids = [*seq.params.stop_token_ids, *self.eos_token_ids]
+                banned += [(i, t) for t in ids if 0 <= t < logits.shape[1]]
         if not banned:
             return logits
         rows, cols = zip(*banned, strict=True)

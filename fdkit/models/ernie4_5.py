@@ -82,7 +82,9 @@ class Ernie4_5Attention(nn.Layer):
     def __init__(self, config: Ernie4_5Config, rotary: InterleavedRotaryEmbedding):
         super().__init__()
         c = config
-        self.qkv_proj = QKVParallelLinear(c.hidden_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads)
+        self.qkv_proj = QKVParallelLinear(
+            c.hidden_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads
+        )
         self.num_heads = self.qkv_proj.out_sizes[0] // c.head_dim
         self.num_kv_heads = self.qkv_proj.num_local_kv_heads
         self.o_proj = RowParallelLinear(c.num_attention_heads * c.head_dim, c.hidden_size)
@@ -102,7 +104,9 @@ class Ernie4_5Attention(nn.Layer):
 class Ernie4_5MLP(nn.Layer):
     def __init__(self, config: Ernie4_5Config):
         super().__init__()
-        self.up_gate_proj = ColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2)  # gate, up
+        self.up_gate_proj = ColumnParallelLinear(
+            config.hidden_size, [config.intermediate_size] * 2
+        )  # gate, up
         self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
@@ -129,7 +133,9 @@ class Ernie4_5ForCausalLM(nn.Layer):
         self.config = config
         rotary = InterleavedRotaryEmbedding(config.head_dim, config.rope_theta, max_position)
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.LayerList([Ernie4_5DecoderLayer(config, rotary) for _ in range(config.num_hidden_layers)])
+        self.layers = nn.LayerList(
+            [Ernie4_5DecoderLayer(config, rotary) for _ in range(config.num_hidden_layers)]
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         if config.tie_word_embeddings:
@@ -153,13 +159,18 @@ class Ernie4_5ForCausalLM(nn.Layer):
         """Each loadable target: the layer that loads it and the full shapes of its parts, [in, out]."""
         c = self.config
         q_out, kv_out = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-        specs = {"embed_tokens": (self.embed_tokens, [(c.vocab_size, c.hidden_size)]),
-                 "norm": (self.norm, [(c.hidden_size,)])}
+        specs = {
+            "embed_tokens": (self.embed_tokens, [(c.vocab_size, c.hidden_size)]),
+            "norm": (self.norm, [(c.hidden_size,)]),
+        }
         if not c.tie_word_embeddings:
             specs["lm_head"] = (self.lm_head, [(c.vocab_size, c.hidden_size)])
         for i, layer in enumerate(self.layers):
             specs |= {
-                f"{i}.qkv_proj": (layer.self_attn.qkv_proj, [(c.hidden_size, n) for n in (q_out, kv_out, kv_out)]),
+                f"{i}.qkv_proj": (
+                    layer.self_attn.qkv_proj,
+                    [(c.hidden_size, n) for n in (q_out, kv_out, kv_out)],
+                ),
                 f"{i}.o_proj": (layer.self_attn.o_proj, [(q_out, c.hidden_size)]),
                 f"{i}.up_gate_proj": (layer.mlp.up_gate_proj, [(c.hidden_size, c.intermediate_size)] * 2),
                 f"{i}.down_proj": (layer.mlp.down_proj, [(c.intermediate_size, c.hidden_size)]),

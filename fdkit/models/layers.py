@@ -103,4 +103,3 @@ class PagedAttention(nn.Layer):
         b, lk = slots.shape
         gathered = paddle.gather(cache, slots.flatten()).reshape([b, lk, self.num_kv_heads, self.head_dim])
         return gathered.transpose([0, 2, 1, 3])  # [b, kvh, lk, d]
-

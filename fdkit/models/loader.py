@@ -30,8 +30,10 @@ def load_weights(model: nn.Layer, module: ModuleType, folder: Path, show_progres
                 bar.update(1)
     missing = sorted(set(specs) - loaded)
     if missing:
-        raise CheckpointError(f"{folder}: checkpoint has no tensor for {', '.join(missing[:5])}"
-                              + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+        raise CheckpointError(
+            f"{folder}: checkpoint has no tensor for {', '.join(missing[:5])}"
+            + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        )
 
 
 def _load_tensor(model, module, reader, name, specs, pending, loaded) -> None:

@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# Small engines for tests: a few MiB of KV cache instead of the default budget.
+TEST_ENGINE = dict(num_kv_blocks=64, block_size=16, max_model_len=512, max_num_seqs=16, show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_paddle(tmp_path_factory) -> Path:
+    from fdkit.tiny import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny_paddle", "tiny", "paddle", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_pt(tmp_path_factory) -> Path:
+    from fdkit.tiny import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny_pt", "tiny", "pt", seed=0)
+
+
+@pytest.fixture(scope="session")
+def llm(tiny_paddle):
+    from fdkit import LLM
+
+    engine = LLM(tiny_paddle, **TEST_ENGINE)
+    yield engine
+    engine.close()

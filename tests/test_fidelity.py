@@ -1,0 +1,102 @@
+"""Our ERNIE 4.5 against paddleformers' reference Ernie4_5ForCausalLM on the same checkpoint."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import paddle
+import pytest
+from conftest import TEST_ENGINE
+
+from fdkit import LLM, SamplingParams
+
+PROMPT = "The model answers 1234+5678 and 你好世界。"
+NUM_GREEDY_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_pt, tmp_path_factory):
+    """paddleformers' model, loaded from the -PT layout (the one its from_pretrained reads)."""
+    from paddleformers.transformers import Ernie4_5Config, Ernie4_5ForCausalLM
+    from paddleformers.utils.log import logger
+
+    logger.set_level("ERROR")
+    folder = tmp_path_factory.mktemp("pf") / "ckpt"  # paddleformers writes metadata into the folder
+    shutil.copytree(tiny_pt, folder)
+    config = Ernie4_5Config.from_pretrained(str(folder))
+    config.fuse_rms_norm = False  # the fused kernel has no CPU implementation
+    model = Ernie4_5ForCausalLM.from_pretrained(str(folder), config=config, dtype="float32")
+    model.eval()
+    return model
+
+
+def reference_logits(model, token_ids: list[int]) -> np.ndarray:
+    with paddle.no_grad():
+        return model(paddle.to_tensor([token_ids], dtype="int64")).logits[0].numpy()
+
+
+def reference_greedy(model, token_ids: list[int], num_tokens: int) -> list[int]:
+    with paddle.no_grad():
+        ids, _ = model.generate(
+            input_ids=paddle.to_tensor([token_ids], dtype="int64"),
+            max_new_tokens=num_tokens,
+            decode_strategy="greedy_search",
+            use_cache=True,
+        )
+    return ids[0].tolist()
+
+
+@pytest.mark.parametrize("layout", ["paddle", "pt"])
+def test_logits_and_greedy_match_paddleformers(layout, tiny_paddle, tiny_pt, reference):
+    llm = LLM(tiny_paddle if layout == "paddle" else tiny_pt, **TEST_ENGINE)
+    try:
+        prompt_ids = llm.tokenizer.encode(PROMPT)
+        assert 0 not in prompt_ids  # paddleformers masks pad id 0 in generate()
+        expected = reference_logits(reference, prompt_ids)
+        # Every prefix's last-position logits: the prefill of each is a paged-attention forward pass.
+        for length in (1, 5, len(prompt_ids)):
+            ours = logits_of(llm, prompt_ids[:length])
+            np.testing.assert_allclose(ours, expected[length - 1], atol=1e-4, rtol=0)
+        greedy = SamplingParams(temperature=0, max_tokens=NUM_GREEDY_TOKENS, ignore_eos=True)
+        out = llm.generate([prompt_ids], greedy, use_tqdm=False)[0]
+        assert out.token_ids == reference_greedy(reference, prompt_ids, NUM_GREEDY_TOKENS)
+        assert len(set(out.token_ids)) > 4  # a real continuation, not one token repeated
+    finally:
+        llm.close()
+
+
+def test_decode_logits_match_full_forward(llm, reference):
+    """Logits of a decode step (one new token over the paged cache) equal the reference's."""
+    prompt_ids = llm.tokenizer.encode(PROMPT)
+    seq_ids = prompt_ids + [11, 12, 13]
+    expected = reference_logits(reference, seq_ids)[-1]
+    ours = logits_after_decode(llm, prompt_ids, [11, 12, 13])
+    np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=0)
+
+
+def logits_of(llm: LLM, token_ids: list[int]) -> np.ndarray:
+    from fdkit.engine.sequence import Sequence
+
+    seq = Sequence(token_ids, SamplingParams())
+    llm.block_manager.allocate(seq)
+    try:
+        return llm.runner.forward([seq], is_prefill=True).numpy()[0]
+    finally:
+        llm.block_manager.deallocate(seq)
+
+
+def logits_after_decode(llm: LLM, prompt_ids: list[int], new_ids: list[int]) -> np.ndarray:
+    from fdkit.engine.sequence import Sequence
+
+    seq = Sequence(prompt_ids, SamplingParams())
+    llm.block_manager.allocate(seq)
+    try:
+        llm.runner.forward([seq], is_prefill=True)
+        for token_id in new_ids:
+            seq.append_token(token_id)
+            llm.block_manager.append(seq)
+            logits = llm.runner.forward([seq], is_prefill=False)
+        return logits.numpy()[0]
+    finally:
+        llm.block_manager.deallocate(seq)
