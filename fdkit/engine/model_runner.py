@@ -21,11 +21,16 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def configure_runtime(device: str, threads: int) -> None:
-    """Device, and CPU threads: paddle pins OpenMP to one thread on import; MKL wants a hint on AMD."""
+    """Device, and CPU threads: paddle pins OpenMP to one thread on import; MKL wants a hint on AMD.
+
+    Strided views are off: with them a transpose is a lazy view whose later copy is ~40x slower on CPU
+    than paddle's transpose kernel (measured: 1.3 ms vs 0.035 ms for [8, 48, 2, 128]).
+    """
     os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")
+    paddle.set_flags({"FLAGS_use_stride_kernel": False})
     paddle.set_device(device)
     if device == "cpu":
-        paddle.base.core.set_num_threads(threads or os.cpu_count() or 1)
+        paddle.base.core.set_num_threads(threads or len(os.sched_getaffinity(0)))
 
 
 class ModelRunner:

@@ -17,6 +17,7 @@ from fdkit.parallel import (
     ParallelLMHead,
     QKVParallelLinear,
     RowParallelLinear,
+    TiedLoader,
     VocabParallelEmbedding,
 )
 
@@ -91,12 +92,12 @@ class Ernie4_5Attention(nn.Layer):
         self.rotary = rotary
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, c.head_dim)
 
-    def forward(self, positions, hidden, kv_cache, batch: AttentionBatch) -> paddle.Tensor:
+    def forward(self, rope, hidden, kv_cache, batch: AttentionBatch) -> paddle.Tensor:
         q, k, v = paddle.split(self.qkv_proj(hidden), self.qkv_proj.out_sizes, axis=-1)
         head_dim = self.attn.head_dim
         q = q.reshape([-1, self.num_heads, head_dim])
         k = k.reshape([-1, self.num_kv_heads, head_dim])
-        q, k = self.rotary(positions, q, k)
+        q, k = self.rotary(rope, q, k)
         out = self.attn(q, k, v.reshape([-1, self.num_kv_heads, head_dim]), *kv_cache, batch)
         return self.o_proj(out)
 
@@ -122,8 +123,8 @@ class Ernie4_5DecoderLayer(nn.Layer):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = Ernie4_5MLP(config)
 
-    def forward(self, positions, hidden, kv_cache, batch: AttentionBatch) -> paddle.Tensor:
-        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), kv_cache, batch)
+    def forward(self, rope, hidden, kv_cache, batch: AttentionBatch) -> paddle.Tensor:
+        hidden = hidden + self.self_attn(rope, self.input_layernorm(hidden), kv_cache, batch)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
@@ -131,15 +132,14 @@ class Ernie4_5ForCausalLM(nn.Layer):
     def __init__(self, config: Ernie4_5Config, max_position: int):
         super().__init__()
         self.config = config
-        rotary = InterleavedRotaryEmbedding(config.head_dim, config.rope_theta, max_position)
+        self.rotary = InterleavedRotaryEmbedding(config.head_dim, config.rope_theta, max_position)
+        rotary = self.rotary
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.LayerList(
             [Ernie4_5DecoderLayer(config, rotary) for _ in range(config.num_hidden_layers)]
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
 
     @property
     def kv_cache_shape(self) -> tuple[int, int]:
@@ -150,8 +150,9 @@ class Ernie4_5ForCausalLM(nn.Layer):
     def forward(self, input_ids, positions, kv_caches, batch: AttentionBatch) -> paddle.Tensor:
         """Logits [num_seqs, vocab] at each sequence's last new token."""
         hidden = self.embed_tokens(input_ids)
+        rope = self.rotary.lookup(positions)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden = layer(positions, hidden, kv_cache, batch)
+            hidden = layer(rope, hidden, kv_cache, batch)
         hidden = paddle.gather(hidden, batch.last_token_index)
         return self.lm_head(self.norm(hidden))
 
@@ -159,8 +160,9 @@ class Ernie4_5ForCausalLM(nn.Layer):
         """Each loadable target: the layer that loads it and the full shapes of its parts, [in, out]."""
         c = self.config
         q_out, kv_out = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+        embed = TiedLoader(self.embed_tokens, self.lm_head) if c.tie_word_embeddings else self.embed_tokens
         specs = {
-            "embed_tokens": (self.embed_tokens, [(c.vocab_size, c.hidden_size)]),
+            "embed_tokens": (embed, [(c.vocab_size, c.hidden_size)]),
             "norm": (self.norm, [(c.hidden_size,)]),
         }
         if not c.tie_word_embeddings:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import paddle
@@ -19,8 +19,9 @@ class RMSNorm(nn.Layer):
         self.weight = self.create_parameter([hidden_size], default_initializer=nn.initializer.Constant(1.0))
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        variance = x.astype("float32").pow(2).mean(axis=-1, keepdim=True)
-        return (x.astype("float32") * paddle.rsqrt(variance + self.eps)).astype(x.dtype) * self.weight
+        h = x if x.dtype == paddle.float32 else x.astype("float32")
+        h = h * paddle.rsqrt((h * h).mean(axis=-1, keepdim=True) + self.eps)  # x * x: pow() is slow on CPU
+        return (h if x.dtype == paddle.float32 else h.astype(x.dtype)) * self.weight
 
     def load(self, parts: list[np.ndarray], name: str) -> None:
         assign(self.weight, parts[0], name)
@@ -29,8 +30,9 @@ class RMSNorm(nn.Layer):
 class InterleavedRotaryEmbedding(nn.Layer):
     """RoPE over adjacent pairs (x[2i], x[2i+1]) with frequency theta^(-2i/d), as GLM and ERNIE 4.5 use.
 
-    out = x * cos + swap_pairs(x) * sin_signed, where swap_pairs maps (a, b) to (b, a) and sin_signed
-    is (-sin, +sin) per pair: one multiply-add instead of slicing each pair.
+    out = x * cos + (x @ R) * sin, where R maps each pair (a, b) to (-b, a). Paddle's CPU kernels are
+    slow at broadcasting and flipping, so cos/sin are expanded to the full shape and the pair swap is a
+    small matmul.
     """
 
     def __init__(self, head_dim: int, theta: float, max_position: int):
@@ -38,19 +40,27 @@ class InterleavedRotaryEmbedding(nn.Layer):
         inv_freq = 1.0 / (theta ** (paddle.arange(0, head_dim, 2, dtype="float32") / head_dim))
         freqs = paddle.outer(paddle.arange(max_position, dtype="float32"), inv_freq)  # [P, d/2]
         self.register_buffer("cos", freqs.cos().repeat_interleave(2, axis=-1), persistable=False)
-        sin = freqs.sin()
-        self.register_buffer("sin", paddle.stack([-sin, sin], axis=-1).flatten(1), persistable=False)
+        self.register_buffer("sin", freqs.sin().repeat_interleave(2, axis=-1), persistable=False)
+        swap = np.zeros((head_dim, head_dim), dtype=np.float32)
+        swap[np.arange(1, head_dim, 2), np.arange(0, head_dim, 2)] = -1.0
+        swap[np.arange(0, head_dim, 2), np.arange(1, head_dim, 2)] = 1.0
+        self.register_buffer("swap", paddle.to_tensor(swap), persistable=False)
 
-    def forward(self, positions: paddle.Tensor, *xs: paddle.Tensor) -> list[paddle.Tensor]:
-        """xs are [tokens, heads, head_dim]; positions [tokens]."""
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
-        return [self._rotate(x, cos, sin) for x in xs]
+    def lookup(self, positions: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
+        """cos and sin [tokens, 1, head_dim] of a step, computed once for all layers."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
-    @staticmethod
-    def _rotate(x: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor) -> paddle.Tensor:
-        swapped = x.reshape([*x.shape[:-1], -1, 2]).flip(-1).reshape(x.shape)
-        return (x.astype("float32") * cos + swapped.astype("float32") * sin).astype(x.dtype)
+    def forward(
+        self, cos_sin: tuple[paddle.Tensor, paddle.Tensor], *xs: paddle.Tensor
+    ) -> list[paddle.Tensor]:
+        """xs are [tokens, heads, head_dim]."""
+        cos, sin = cos_sin
+        return [self._rotate(x, cos.expand(x.shape), sin.expand(x.shape)) for x in xs]
+
+    def _rotate(self, x: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor) -> paddle.Tensor:
+        h = x if x.dtype == paddle.float32 else x.astype("float32")
+        out = h * cos + paddle.matmul(h, self.swap) * sin
+        return out if x.dtype == paddle.float32 else out.astype(x.dtype)
 
 
 @dataclass
@@ -68,6 +78,14 @@ class AttentionBatch:
     num_seqs: int
     max_query_len: int
     last_token_index: paddle.Tensor  # [num_seqs] the token whose logits are needed
+    _expanded_masks: dict = field(default_factory=dict)
+
+    def mask_as(self, shape: list[int]) -> paddle.Tensor:
+        """The mask expanded to the scores' shape once per step (broadcast adds are slow on CPU)."""
+        key = tuple(shape)
+        if key not in self._expanded_masks:
+            self._expanded_masks[key] = self.mask.expand(shape).clone()
+        return self._expanded_masks[key]
 
 
 class PagedAttention(nn.Layer):
@@ -92,7 +110,8 @@ class PagedAttention(nn.Layer):
         q = q.reshape([b, self.num_kv_heads, g * lq, self.head_dim])
         keys, values = (self._gather(cache, batch.key_slots) for cache in (k_cache, v_cache))
         scores = paddle.matmul(q, keys, transpose_y=True) * self.scale  # [b, kvh, g*lq, lk]
-        scores = scores.reshape([b, self.num_kv_heads, g, lq, -1]) + batch.mask
+        scores = scores.reshape([b, self.num_kv_heads, g, lq, -1])
+        scores = scores + batch.mask_as(scores.shape)
         probs = F.softmax(scores.astype("float32"), axis=-1).astype(q.dtype)
         out = paddle.matmul(probs.reshape([b, self.num_kv_heads, g * lq, -1]), values)
         out = out.reshape([b, self.num_kv_heads, g, lq, self.head_dim]).transpose([0, 3, 1, 2, 4])

@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m fdkit.bench offline ...` (the engine in-process)."""

@@ -1,0 +1,17 @@
+from __future__ import annotations
+
+import argparse
+
+from fdkit.bench import offline
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m fdkit.bench")
+    commands = parser.add_subparsers(dest="command", required=True)
+    offline.add_arguments(commands.add_parser("offline", help="the engine in-process, no server"))
+    args = parser.parse_args(argv)
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()

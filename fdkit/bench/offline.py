@@ -1,0 +1,132 @@
+"""Offline throughput: N requests of `input_len` random tokens, `output_len` new tokens each, all at once.
+
+Prints one JSON object per concurrency; with `--baseline paddleformers`, the same workload through
+paddleformers' `generate()` (KV cache on, same threads) on the same checkpoint, and the ratio.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import time
+
+import numpy as np
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", required=True, help="checkpoint folder")
+    parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument("--input-len", type=int, default=32)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--kv-cache-gib", type=float, default=2.0)
+    parser.add_argument("--baseline", choices=["none", "paddleformers"], default="none")
+    parser.set_defaults(run=run)
+
+
+def make_prompts(num: int, input_len: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(3, vocab_size, size=(num, input_len)).tolist()
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench_fdkit(llm, prompts: list[list[int]], output_len: int) -> dict:
+    from fdkit import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)  # warm-up
+    request_ids = [llm.add_request(p, params) for p in prompts]
+    first_token: dict[str, float] = {}
+    decode_times: list[float] = []
+    start = time.perf_counter()
+    while llm.has_unfinished_requests():
+        step_start = time.perf_counter()
+        seqs_before = len(llm.scheduler.waiting)
+        outputs = llm.step()
+        now = time.perf_counter()
+        is_decode = seqs_before == len(llm.scheduler.waiting) and all(
+            o.request_id in first_token for o in outputs
+        )
+        if is_decode:
+            decode_times.append(now - step_start)
+        for output in outputs:
+            first_token.setdefault(output.request_id, now - start)
+    elapsed = time.perf_counter() - start
+    num_tokens = len(request_ids) * output_len
+    ttfts = [first_token[r] for r in request_ids]
+    return {
+        "output_tokens_per_s": round(num_tokens / elapsed, 2),
+        "ttft_ms_median": round(statistics.median(ttfts) * 1000, 1),
+        "ttft_ms_max": round(max(ttfts) * 1000, 1),
+        "decode_step_ms_median": round(statistics.median(decode_times) * 1000, 2),
+        "elapsed_s": round(elapsed, 2),
+        "peak_rss_mib": round(peak_rss_mib()),
+    }
+
+
+def load_paddleformers(model_dir: str):
+    from paddleformers.transformers import Ernie4_5Config, Ernie4_5ForCausalLM
+    from paddleformers.utils.log import logger
+
+    logger.set_level("ERROR")
+    config = Ernie4_5Config.from_pretrained(model_dir)
+    config.fuse_rms_norm = False  # no CPU kernel for the fused norm
+    model = Ernie4_5ForCausalLM.from_pretrained(model_dir, config=config, dtype="float32")
+    model.eval()
+    return model
+
+
+def bench_paddleformers(model, prompts: list[list[int]], output_len: int) -> dict:
+    import paddle
+
+    with paddle.no_grad():
+        ids = paddle.to_tensor(prompts, dtype="int64")
+        model.generate(input_ids=ids[:1], max_new_tokens=4, decode_strategy="greedy_search", use_cache=True)
+        start = time.perf_counter()
+        out, _ = model.generate(
+            input_ids=ids,
+            max_new_tokens=output_len,
+            min_new_tokens=output_len,
+            decode_strategy="greedy_search",
+            use_cache=True,
+        )
+        elapsed = time.perf_counter() - start
+    return {
+        "output_tokens_per_s": round(out.size / elapsed, 2),
+        "elapsed_s": round(elapsed, 2),
+        "peak_rss_mib": round(peak_rss_mib()),
+    }
+
+
+def run(args) -> None:
+    from fdkit import LLM
+
+    levels = [int(c) for c in args.concurrency.split(",")]
+    llm = LLM(
+        args.model,
+        threads=args.threads,
+        kv_cache_gib=args.kv_cache_gib,
+        max_num_seqs=max(levels),
+        max_model_len=max(args.input_len + args.output_len, 256),
+    )
+    vocab = min(llm.tokenizer.vocab_size, llm.runner.model_config.vocab_size)
+    baseline = load_paddleformers(args.model) if args.baseline == "paddleformers" else None
+    for concurrency in levels:
+        prompts = make_prompts(concurrency, args.input_len, vocab)
+        result = {
+            "engine": "fdkit",
+            "concurrency": concurrency,
+            "input_len": args.input_len,
+            "output_len": args.output_len,
+            **bench_fdkit(llm, prompts, args.output_len),
+        }
+        if baseline is not None:
+            base = bench_paddleformers(baseline, prompts, args.output_len)
+            result["baseline"] = {"engine": "paddleformers", **base}
+            result["speedup"] = round(result["output_tokens_per_s"] / base["output_tokens_per_s"], 2)
+        print(json.dumps(result), flush=True)
+    llm.close()
