@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -21,16 +22,24 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def configure_runtime(device: str, threads: int) -> None:
-    """Device, and CPU threads: paddle pins OpenMP to one thread on import; MKL wants a hint on AMD.
-
-    Strided views are off: with them a transpose is a lazy view whose later copy is ~40x slower on CPU
-    than paddle's transpose kernel (measured: 1.3 ms vs 0.035 ms for [8, 48, 2, 128]).
-    """
+    """Device, and CPU threads: paddle pins OpenMP to one thread on import; MKL wants a hint on AMD."""
     os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")
-    paddle.set_flags({"FLAGS_use_stride_kernel": False})
     paddle.set_device(device)
     if device == "cpu":
         paddle.base.core.set_num_threads(threads or len(os.sched_getaffinity(0)))
+
+
+@contextmanager
+def no_strided_views():
+    """With strided views a transpose is lazy, and its later copy is ~40x slower on CPU than paddle's
+    transpose kernel (1.3 ms vs 0.035 ms for [8, 48, 2, 128]). The flag is process-wide, so it is
+    switched off only while our model runs and other paddle code in the process sees no change."""
+    previous = paddle.get_flags("FLAGS_use_stride_kernel")["FLAGS_use_stride_kernel"]
+    paddle.set_flags({"FLAGS_use_stride_kernel": False})
+    try:
+        yield
+    finally:
+        paddle.set_flags({"FLAGS_use_stride_kernel": previous})
 
 
 class ModelRunner:
@@ -78,7 +87,8 @@ class ModelRunner:
     def forward(self, seqs: list[Sequence], is_prefill: bool) -> paddle.Tensor:
         """Logits [len(seqs), vocab] for the next token of each sequence."""
         input_ids, positions, batch = self._prepare(seqs, is_prefill)
-        return self.model(input_ids, positions, self.kv_caches, batch)
+        with no_strided_views():
+            return self.model(input_ids, positions, self.kv_caches, batch)
 
     def _prepare(self, seqs: list[Sequence], is_prefill: bool):
         """Token ids, positions and cache addressing for the new tokens of each sequence.
