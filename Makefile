@@ -27,6 +27,13 @@ format: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -q
 
+# Serves the default model (written on first use) on port 8188; extra Hydra overrides via ARGS="tp=1 ...".
+serve: $(STAMP)
+	@echo "fdkit: OpenAI API at http://127.0.0.1:8188/v1 -- try:"
+	@echo "  curl http://127.0.0.1:8188/v1/chat/completions -H 'Content-Type: application/json' \\"
+	@echo "    -d '{\"messages\": [{\"role\": \"user\", \"content\": \"Hello!\"}]}'"
+	$(BIN)/python launch.py $(ARGS)
+
 bench: $(STAMP)
 	$(BIN)/python -m fdkit.bench offline --model .cache/ernie_0.3b
 

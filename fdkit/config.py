@@ -25,6 +25,7 @@ class ModelConfig:
     tiny_preset: str | None = None
     tiny_layout: str = "paddle"
     tiny_seed: int = 0
+    reasoning_parser: str | None = None  # "ernie-45-vl" / "ernie-x1" for models that think
 
 
 @dataclass
@@ -43,9 +44,54 @@ class EngineConfig:
 
 
 @dataclass
+class SamplingConfig:
+    """Server-side defaults for what a request leaves out (None: the model's generation_config.json,
+    else OpenAI's default)."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int = 0
+    min_p: float = 0.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float | None = None
+    max_tokens: int | None = None  # caps the default "rest of max_model_len" and any requested value
+    min_tokens: int = 0
+    seed: int | None = None
+    reasoning_max_tokens: int | None = None
+
+
+@dataclass
+class ServerConfig:
+    host: str = "0.0.0.0"
+    port: int = 8188
+    served_model_name: str | None = None  # None: the model's name
+    api_keys: list[str] = field(default_factory=list)  # FDKIT_API_KEY adds comma-separated keys
+    cors_origins: list[str] = field(default_factory=lambda: ["*"])
+    max_concurrency: int = 512
+    max_request_bytes: int = 4 * 2**20
+    max_stop_strings: int = 16
+    max_stop_string_len: int = 256
+    strict_model_name: bool = False
+    reasoning_parser: str | None = None
+    shutdown_grace_s: float = 30.0
+    log_level: str = "info"
+
+
+@dataclass
+class PlaygroundConfig:
+    enabled: bool = False
+    path: str = "/playground"
+    base_url: str | None = None
+
+
+@dataclass
 class FdkitConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    playground: PlaygroundConfig = field(default_factory=PlaygroundConfig)
     tp: int = 1
 
 
@@ -54,6 +100,9 @@ def register_configs() -> None:
     cs.store(name="base_config", node=FdkitConfig)
     cs.store(group="model", name="base_model", node=ModelConfig)
     cs.store(group="engine", name="base_engine", node=EngineConfig)
+    cs.store(group="sampling", name="base_sampling", node=SamplingConfig)
+    cs.store(group="server", name="base_server", node=ServerConfig)
+    cs.store(group="playground", name="base_playground", node=PlaygroundConfig)
 
 
 register_configs()

@@ -34,3 +34,20 @@ def llm(tiny_paddle):
     engine = LLM(tiny_paddle, **TEST_ENGINE)
     yield engine
     engine.close()
+
+
+@pytest.fixture(scope="session")
+def server(tiny_paddle, tmp_path_factory):
+    """A live server on the tiny checkpoint, default settings."""
+    from server_utils import launch
+
+    srv = launch(tiny_paddle, tmp_path_factory.mktemp("server") / "server.log")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="null", max_retries=0, timeout=60)

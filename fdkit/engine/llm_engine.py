@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -31,6 +32,8 @@ class RequestOutput:
     token_ids: list[int]
     finish_reason: str | None = None
     finished: bool = False
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None  # per token: its own, top-k
+    num_reasoning_tokens: int = 0
     metrics: dict = field(default_factory=dict)
 
 
@@ -81,7 +84,7 @@ class LLM:
             SchedulerConfig(engine.max_num_seqs, max_num_batched_tokens, self.max_model_len),
             self.block_manager,
         )
-        self.rng = np.random.default_rng(engine.seed)
+        self._request_counter = itertools.count()
         self.requests: dict[str, Sequence] = {}
         logger.info(
             "engine ready: %s, %d KV blocks of %d tokens",
@@ -95,16 +98,28 @@ class LLM:
     def add_request(
         self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
     ) -> str:
+        return self.add_sequence(self.make_sequence(prompt, params, request_id))
+
+    def make_sequence(
+        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
+    ) -> Sequence:
+        """Tokenizes and validates a request (ValueError if bad); changes no engine state."""
         params = params or SamplingParams()
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._validate_prompt(token_ids, params)
         seq = Sequence(token_ids, params, request_id)
-        if seq.request_id in self.requests:
-            raise ValueError(f"request id {seq.request_id!r} is already in use")
         seq.prompt = prompt if isinstance(prompt, str) else None
         seq.max_tokens = min(params.max_tokens or self.max_model_len, self.max_model_len - len(token_ids))
-        seq.rng = np.random.default_rng(params.seed if params.seed is not None else self.rng.integers(2**63))
+        seed = params.seed
+        if seed is None:  # unseeded requests still draw reproducibly from the engine's seed
+            seed = np.random.SeedSequence(self.config.engine.seed, spawn_key=(next(self._request_counter),))
+        seq.rng = np.random.default_rng(seed)
         seq.decoder = self.tokenizer.decoder(params.skip_special_tokens)
+        return seq
+
+    def add_sequence(self, seq: Sequence) -> str:
+        if seq.request_id in self.requests:
+            raise ValueError(f"request id {seq.request_id!r} is already in use")
         self.requests[seq.request_id] = seq
         self.scheduler.add(seq)
         return seq.request_id
@@ -121,10 +136,12 @@ class LLM:
                 f"min_tokens({params.min_tokens}) >= max_model_len({self.max_model_len})"
             )
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str) -> bool:
+        """Ends a request and frees its blocks; False if it had already finished."""
         seq = self.requests.pop(request_id, None)
         if seq is not None:
             self.scheduler.finish(seq, "abort")
+        return seq is not None
 
     def has_unfinished_requests(self) -> bool:
         return not self.scheduler.is_finished()
@@ -136,8 +153,27 @@ class LLM:
         if not seqs:
             return []
         logits = self.runner.forward(seqs, is_prefill)
-        token_ids = self.sampler(logits, seqs)
+        sampled = self.sampler(logits, seqs)
+        token_ids = [self._end_reasoning_if_due(seq, t) for seq, t in zip(seqs, sampled, strict=True)]
+        if any(seq.params.logprobs is not None for seq in seqs):
+            for seq, logprobs in zip(seqs, self.sampler.logprobs(logits, token_ids, seqs), strict=True):
+                if logprobs is not None:
+                    seq.logprobs.append(logprobs)
         return [self._postprocess(seq, token_id) for seq, token_id in zip(seqs, token_ids, strict=True)]
+
+    def _end_reasoning_if_due(self, seq: Sequence, token_id: int) -> int:
+        """Past reasoning_max_tokens the engine writes the end-of-reasoning tokens itself."""
+        if not seq.is_reasoning:
+            return token_id
+        end_ids = seq.params.reasoning_end_token_ids
+        num_written = _num_written(seq.completion_token_ids, end_ids)
+        if num_written or seq.num_reasoning_tokens >= seq.params.reasoning_max_tokens:
+            token_id = end_ids[num_written]
+        if _num_written([*seq.completion_token_ids, token_id], end_ids) == len(end_ids):
+            seq.is_reasoning = False
+        elif not num_written:
+            seq.num_reasoning_tokens += 1
+        return token_id
 
     def _postprocess(self, seq: Sequence, token_id: int) -> RequestOutput:
         seq.append_token(token_id)
@@ -172,12 +208,14 @@ class LLM:
             text = text[: max(0, len(text) - hold)]
         return RequestOutput(
             request_id=seq.request_id,
-            prompt=getattr(seq, "prompt", None),
+            prompt=seq.prompt,
             prompt_token_ids=seq.prompt_token_ids,
             text=text,
             token_ids=seq.completion_token_ids,
             finish_reason=seq.finish_reason,
             finished=seq.is_finished,
+            logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
+            num_reasoning_tokens=seq.num_reasoning_tokens,
             metrics={
                 "arrival_time": seq.arrival_time,
                 "first_token_time": seq.first_token_time,
@@ -279,3 +317,11 @@ def _cut_at_stop(seq: Sequence, previous_len: int) -> bool:
 
 def _is_token_list(value) -> bool:
     return isinstance(value, list) and bool(value) and isinstance(value[0], int)
+
+
+def _num_written(token_ids: list[int], end_ids: list[int]) -> int:
+    """How many leading tokens of `end_ids` the tail of `token_ids` holds (its longest such tail)."""
+    for size in range(min(len(end_ids), len(token_ids)), 0, -1):
+        if token_ids[-size:] == end_ids[:size]:
+            return size
+    return 0

@@ -36,6 +36,25 @@ class Sampler:
             tokens = np.where(greedy, paddle.argmax(logits, axis=-1).numpy(), tokens)
         return [int(t) for t in tokens]
 
+    def logprobs(self, logits: paddle.Tensor, token_ids: list[int], seqs: list[Sequence]) -> list:
+        """Per sequence that asked: (log-probability of its token, [(id, logprob)] of the k most likely),
+        from the model's distribution before any sampling parameter changed it."""
+        logprobs = F.log_softmax(logits.astype("float32"), axis=-1)
+        chosen = paddle.take_along_axis(logprobs, paddle.to_tensor(np.array(token_ids)[:, None]), axis=1)
+        chosen = chosen.numpy()[:, 0]
+        max_k = max(seq.params.logprobs or 0 for seq in seqs)
+        top_values, top_ids = (t.numpy() for t in paddle.topk(logprobs, max(max_k, 1)))
+        results = []
+        for i, seq in enumerate(seqs):
+            k = seq.params.logprobs
+            top = (
+                [(int(t), float(v)) for t, v in zip(top_ids[i, :k], top_values[i, :k], strict=True)]
+                if k
+                else []
+            )
+            results.append(None if k is None else (float(chosen[i]), top))
+        return results
+
     def _apply_penalties(self, logits: paddle.Tensor, seqs: list[Sequence]) -> paddle.Tensor:
         """OpenAI's frequency/presence penalties on generated tokens; repetition penalty (HF/vLLM)
         on every token seen, prompt included."""

@@ -31,6 +31,10 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: int | None = None
     skip_special_tokens: bool = True
+    logprobs: int | None = None  # None: none; k: the chosen token's and the k most likely
+    # After this many tokens of reasoning the engine writes `reasoning_end_token_ids` itself.
+    reasoning_max_tokens: int | None = None
+    reasoning_end_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -59,6 +63,10 @@ class SamplingParams:
             yield f"max_tokens must be at least 1, got {self.max_tokens}"
         if self.min_tokens < 0:
             yield f"min_tokens must be >= 0, got {self.min_tokens}"
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            yield f"logprobs must be in [0, 20], got {self.logprobs}"
+        if self.reasoning_max_tokens is not None and self.reasoning_max_tokens < 1:
+            yield f"reasoning_max_tokens must be at least 1, got {self.reasoning_max_tokens}"
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             yield f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"
 
@@ -97,6 +105,10 @@ class Sequence:
         self.decoder = None
         self.text = ""
         self.max_tokens = params.max_tokens
+        self.prompt: str | None = None
+        self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []
+        self.is_reasoning = params.reasoning_max_tokens is not None and bool(params.reasoning_end_token_ids)
+        self.num_reasoning_tokens = 0
 
     def __len__(self) -> int:
         return len(self.token_ids)

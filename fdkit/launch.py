@@ -1,0 +1,63 @@
+"""`run(cfg)`: build the engine from a composed config and serve it. `launch.py` is its Hydra front."""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+from omegaconf import DictConfig, OmegaConf
+
+logger = logging.getLogger("fdkit")
+
+
+def build_engine(cfg: DictConfig):
+    from fdkit.engine.async_engine import AsyncLLM
+    from fdkit.engine.llm_engine import LLM
+
+    if cfg.tp != 1:
+        raise NotImplementedError(
+            f"tp={cfg.tp}: tensor parallelism is not available yet (issue #4); use tp=1"
+        )
+    return AsyncLLM(LLM(config=cfg))
+
+
+def run(cfg: DictConfig) -> None:
+    import uvicorn
+
+    from fdkit.serving.openai_app import build_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logger.info("resolved config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
+    engine = build_engine(cfg)
+    try:
+        app = build_app(engine, cfg)
+        server = cfg.server
+        host = "127.0.0.1" if server.host in ("0.0.0.0", "::") else server.host
+        url = f"http://{host}:{server.port}"
+        logger.info(
+            "serving %s at %s/v1 (OpenAI API), health at %s/health",
+            app.state.fdkit.serving.model_name,
+            url,
+            url,
+        )
+        logger.info(
+            "try: curl %s/v1/chat/completions -H 'Content-Type: application/json' "
+            '-d \'{"messages": [{"role": "user", "content": "Hello!"}]}\'',
+            url,
+        )
+        # uvicorn drains requests on SIGTERM, then re-raises it: exit cleanly, through `finally`, instead.
+        signal.signal(signal.SIGTERM, _exit_cleanly)
+        uvicorn.run(
+            app,
+            host=server.host,
+            port=server.port,
+            log_level=server.log_level,
+            timeout_graceful_shutdown=server.shutdown_grace_s,
+        )
+    finally:
+        engine.shutdown()
+        logger.info("engine stopped")
+
+
+def _exit_cleanly(signum, frame) -> None:
+    raise SystemExit(0)

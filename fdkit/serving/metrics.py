@@ -1,0 +1,77 @@
+"""Prometheus metrics of the server, prefixed `fdkit:` (vLLM and FastDeploy name theirs alike)."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+
+from fdkit.engine.async_engine import AsyncLLM, EngineObserver
+from fdkit.engine.llm_engine import RequestOutput
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class ServerMetrics(EngineObserver):
+    def __init__(self, engine: AsyncLLM | None = None):
+        disable_created_metrics()  # no *_created series: they only add noise to scrapes
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.prompt_tokens = Counter("fdkit:prompt_tokens", "Prompt tokens admitted", registry=r)
+        self.generation_tokens = Counter("fdkit:generation_tokens", "Tokens generated", registry=r)
+        self.request_success = Counter(
+            "fdkit:request_success", "Finished requests", ["finish_reason"], registry=r
+        )
+        self.ttft = Histogram(
+            "fdkit:time_to_first_token_seconds", "Time to first token", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.tpot = Histogram(
+            "fdkit:time_per_output_token_seconds",
+            "Time per output token after the first",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "fdkit:e2e_request_latency_seconds",
+            "Request latency, arrival to finish",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.running = Gauge("fdkit:num_requests_running", "Requests being decoded", registry=r)
+        self.waiting = Gauge("fdkit:num_requests_waiting", "Requests waiting for KV blocks", registry=r)
+        self.kv_usage = Gauge("fdkit:kv_cache_usage_perc", "Fraction of KV cache blocks in use", registry=r)
+        if engine is not None:
+            self.attach(engine)
+
+    def attach(self, engine: AsyncLLM) -> None:
+        self.running.set_function(lambda: engine.num_running)
+        self.waiting.set_function(lambda: engine.num_waiting)
+        self.kv_usage.set_function(lambda: engine.llm.block_manager.usage)
+
+    def on_request(self, num_prompt_tokens: int) -> None:
+        self.prompt_tokens.inc(num_prompt_tokens)
+
+    def on_output(self, output: RequestOutput) -> None:
+        self.generation_tokens.inc()
+        arrival, first = output.metrics["arrival_time"], output.metrics["first_token_time"]
+        if len(output.token_ids) == 1:
+            self.ttft.observe(first - arrival)
+        if output.finished:
+            now = time.time()
+            self.request_success.labels(output.finish_reason).inc()
+            self.e2e.observe(now - arrival)
+            if len(output.token_ids) > 1:
+                self.tpot.observe((now - first) / (len(output.token_ids) - 1))
+
+    def on_abort(self, request_id: str) -> None:
+        self.request_success.labels("abort").inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
