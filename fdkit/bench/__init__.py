@@ -1,1 +1,1 @@
-"""Benchmarks: `python -m fdkit.bench offline ...` (the engine in-process)."""
+"""Benchmarks: `python -m fdkit.bench offline ...` (the engine in-process), `... serve ...` (over HTTP)."""

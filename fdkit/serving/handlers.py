@@ -205,7 +205,7 @@ class OpenAIServing:
         try:
             async for i, out in merge(self.engine, seqs):
                 reasoning, content, new_ids = states[i].advance(out)
-                if not (reasoning or content or out.finished):
+                if not (reasoning or content or out.finished or continuous):  # usage stats: every token
                     continue
                 delta = P.DeltaMessage(
                     content=content, reasoning_content=reasoning or None, reasoning=reasoning or None
@@ -299,7 +299,7 @@ class OpenAIServing:
                 _, text, new_ids = states[i].advance(out)
                 if req.echo and states[i].num_tokens == len(new_ids):
                     text = (seqs[i].prompt or self.tokenizer.decode(seqs[i].prompt_token_ids)) + text
-                if not (text or out.finished):
+                if not (text or out.finished or continuous):
                     continue
                 choice = P.CompletionChoice(
                     index=i,
