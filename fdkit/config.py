@@ -41,6 +41,10 @@ class EngineConfig:
     max_model_len: int | None = 4096  # None: the model's max_position_embeddings
     seed: int = 0
     show_progress: bool = True
+    # tensor parallelism (tp > 1): where rank 0's collective endpoint listens; dist_port null = free ports
+    dist_host: str = "127.0.0.1"
+    dist_port: int | None = None
+    rank_start_timeout_s: float = 600.0
 
 
 @dataclass

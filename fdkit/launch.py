@@ -14,10 +14,6 @@ def build_engine(cfg: DictConfig):
     from fdkit.engine.async_engine import AsyncLLM
     from fdkit.engine.llm_engine import LLM
 
-    if cfg.tp != 1:
-        raise NotImplementedError(
-            f"tp={cfg.tp}: tensor parallelism is not available yet (issue #4); use tp=1"
-        )
     return AsyncLLM(LLM(config=cfg))
 
 

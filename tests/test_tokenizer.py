@@ -88,3 +88,16 @@ def test_default_ernie_template_and_kwargs(tiny_paddle, tmp_path):
     tok.chat_template = "{{ 'think' if enable_thinking else 'direct' }}"
     assert tok.apply_chat_template(messages, enable_thinking=True) == "think"
     assert tok.apply_chat_template(messages, enable_thinking=False) == "direct"
+
+
+def test_tiny_checkpoint_is_deterministic_for_a_seed(tmp_path):
+    from fdkit.tiny import write_checkpoint
+
+    a = write_checkpoint(tmp_path / "a", "tiny", "paddle", seed=3)
+    b = write_checkpoint(tmp_path / "b", "tiny", "paddle", seed=3)
+    c = write_checkpoint(tmp_path / "c", "tiny", "paddle", seed=4)
+    files = sorted(p.name for p in a.iterdir())
+    assert files == sorted(p.name for p in b.iterdir())
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+    shard = "model-00001-of-00002.safetensors"
+    assert (a / shard).read_bytes() != (c / shard).read_bytes()

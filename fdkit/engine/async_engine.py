@@ -12,14 +12,10 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 
-from fdkit.engine.llm_engine import LLM, Prompt, RequestOutput
+from fdkit.engine.llm_engine import LLM, EngineDeadError, Prompt, RequestOutput
 from fdkit.engine.sequence import SamplingParams, Sequence
 
 logger = logging.getLogger(__name__)
-
-
-class EngineDeadError(RuntimeError):
-    """The engine stopped (an error in its loop, or shut down): no request can be served."""
 
 
 class EngineObserver:
@@ -56,11 +52,15 @@ class AsyncLLM:
 
     @property
     def num_running(self) -> int:
-        return len(self.llm.scheduler.running)
+        return self.llm.stats["num_running"]
 
     @property
     def num_waiting(self) -> int:
-        return len(self.llm.scheduler.waiting) + len(self._inbox)
+        return self.llm.stats["num_waiting"] + len(self._inbox)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.llm.stats["kv_cache_usage"]
 
     # -- requests -----------------------------------------------------------------------------------
 

@@ -23,6 +23,10 @@ logger = logging.getLogger(__name__)
 Prompt = str | list[int]
 
 
+class EngineDeadError(RuntimeError):
+    """The engine stopped (a failure, a dead rank, or shut down): no request can be served."""
+
+
 @dataclass
 class RequestOutput:
     request_id: str
@@ -40,8 +44,8 @@ class RequestOutput:
 class LLM:
     """ERNIE 4.5 in-process: `LLM(path)`, `LLM.from_config(["model=ernie"])`, then generate or chat."""
 
-    def __init__(
-        self, model_path: str | Path | None = None, *, config: DictConfig | None = None, **engine_overrides
+    def __new__(
+        cls, model_path: str | Path | None = None, *, config: DictConfig | None = None, **engine_overrides
     ):
         if config is None:
             overrides = to_overrides(engine_overrides, "engine")
@@ -49,29 +53,37 @@ class LLM:
                 name = Path(model_path).name
                 overrides += ["model=ernie", f"model.path={model_path}", f"model.name={name}"]
             config = load_config(overrides)
-        self.config = config
+        if config.tp > 1 and cls is LLM:  # the same API, served by rank processes
+            from fdkit.engine.tp_engine import TensorParallelLLM
+
+            cls = TensorParallelLLM
+        engine = super().__new__(cls)
+        engine.config = config
+        return engine
+
+    def __init__(
+        self, model_path: str | Path | None = None, *, config: DictConfig | None = None, **engine_overrides
+    ):
         self._closed = False
-        self._build(config)
+        self._build(self.config)
 
     @classmethod
     def from_config(cls, overrides: list[str] | DictConfig | None = None) -> LLM:
         config = overrides if isinstance(overrides, DictConfig) else load_config(overrides)
         return cls(config=config)
 
-    def _build(self, config: DictConfig) -> None:
+    def _build(self, config: DictConfig, peers: list | None = None) -> None:
         from fdkit.engine.model_runner import ModelRunner
         from fdkit.engine.sampler import Sampler
-        from fdkit.models import model_module
-        from fdkit.tokenizer import Tokenizer
 
         model_path = ensure_checkpoint(config.model)
         self.model_path = model_path
-        self.runner = ModelRunner(config.engine, model_path)
-        module = model_module(json.loads((model_path / "config.json").read_text()))
-        self.tokenizer = Tokenizer(model_path, getattr(module, "DEFAULT_CHAT_TEMPLATE", None))
+        self.runner = ModelRunner(config.engine, model_path, peers, world_size=config.tp)
+        self.tokenizer = load_tokenizer(model_path)
         self.eos_token_ids = _eos_token_ids(model_path, self.tokenizer)
         self.sampler = Sampler(self.eos_token_ids)
         self.max_model_len = self.runner.max_model_len
+        self.vocab_size = self.runner.model_config.vocab_size
         engine = config.engine
         max_num_batched_tokens = engine.max_num_batched_tokens or max(self.max_model_len, 2048)
         if max_num_batched_tokens < self.max_model_len:
@@ -114,12 +126,12 @@ class LLM:
         if seed is None:  # unseeded requests still draw reproducibly from the engine's seed
             seed = np.random.SeedSequence(self.config.engine.seed, spawn_key=(next(self._request_counter),))
         seq.rng = np.random.default_rng(seed)
-        seq.decoder = self.tokenizer.decoder(params.skip_special_tokens)
         return seq
 
     def add_sequence(self, seq: Sequence) -> str:
         if seq.request_id in self.requests:
             raise ValueError(f"request id {seq.request_id!r} is already in use")
+        seq.decoder = self.tokenizer.decoder(seq.params.skip_special_tokens)
         self.requests[seq.request_id] = seq
         self.scheduler.add(seq)
         return seq.request_id
@@ -127,7 +139,7 @@ class LLM:
     def _validate_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
         if not token_ids:
             raise ValueError("the prompt is empty")
-        vocab_size = self.runner.model_config.vocab_size
+        vocab_size = self.vocab_size
         if any(not 0 <= t < vocab_size for t in token_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
         if len(token_ids) + params.min_tokens >= self.max_model_len:
@@ -145,6 +157,15 @@ class LLM:
 
     def has_unfinished_requests(self) -> bool:
         return not self.scheduler.is_finished()
+
+    @property
+    def stats(self) -> dict:
+        """Requests running and waiting, and the fraction of KV blocks in use."""
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "kv_cache_usage": self.block_manager.usage,
+        }
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -325,3 +346,11 @@ def _num_written(token_ids: list[int], end_ids: list[int]) -> int:
         if token_ids[-size:] == end_ids[:size]:
             return size
     return 0
+
+
+def load_tokenizer(model_path: Path):
+    from fdkit.models import model_module
+    from fdkit.tokenizer import Tokenizer
+
+    module = model_module(json.loads((model_path / "config.json").read_text()))
+    return Tokenizer(model_path, getattr(module, "DEFAULT_CHAT_TEMPLATE", None))

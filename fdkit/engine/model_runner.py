@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +22,13 @@ logger = logging.getLogger(__name__)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
-def configure_runtime(device: str, threads: int) -> None:
-    """Device, and CPU threads: paddle pins OpenMP to one thread on import; MKL wants a hint on AMD."""
+def configure_runtime(device: str, threads: int, world_size: int = 1) -> None:
+    """Device, and CPU threads: paddle pins OpenMP to one thread on import; MKL wants a hint on AMD.
+    threads=0 shares the cores among the ranks on this host."""
     os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")
     paddle.set_device(device)
     if device == "cpu":
-        paddle.base.core.set_num_threads(threads or len(os.sched_getaffinity(0)))
+        paddle.base.core.set_num_threads(threads or max(1, len(os.sched_getaffinity(0)) // world_size))
 
 
 @contextmanager
@@ -42,10 +44,25 @@ def no_strided_views():
         paddle.set_flags({"FLAGS_use_stride_kernel": previous})
 
 
+@dataclass
+class StepInput:
+    """What every rank needs of one sequence for one step: a small message."""
+
+    new_token_ids: list[int]  # prefill (or recompute): all tokens; decode: the last one
+    num_tokens: int
+    block_table: list[int]
+
+    @classmethod
+    def of(cls, seq: Sequence, is_prefill: bool) -> StepInput:
+        new = seq.token_ids if is_prefill else seq.token_ids[-1:]
+        return cls(list(new), seq.num_tokens, list(seq.block_table))
+
+
 class ModelRunner:
-    def __init__(self, engine_cfg, model_path: str | Path):
+    def __init__(self, engine_cfg, model_path: str | Path, peers: list | None = None, world_size: int = 1):
         self.cfg = engine_cfg
-        configure_runtime(engine_cfg.device, engine_cfg.threads)
+        self.peers = peers or []  # connections to the other tensor-parallel ranks (rank 0 only)
+        configure_runtime(engine_cfg.device, engine_cfg.threads, world_size)
         if engine_cfg.dtype not in DTYPE_BYTES:
             raise ValueError(f"engine.dtype must be one of {list(DTYPE_BYTES)}, got {engine_cfg.dtype!r}")
         raw_config = read_config(model_path)
@@ -86,42 +103,49 @@ class ModelRunner:
     @paddle.no_grad()
     def forward(self, seqs: list[Sequence], is_prefill: bool) -> paddle.Tensor:
         """Logits [len(seqs), vocab] for the next token of each sequence."""
-        input_ids, positions, batch = self._prepare(seqs, is_prefill)
+        steps = [StepInput.of(seq, is_prefill) for seq in seqs]
+        for peer in self.peers:  # the other tensor-parallel ranks run the same step
+            peer.send(("forward", steps))
+        return self.run(steps)
+
+    @paddle.no_grad()
+    def run(self, steps: list[StepInput]) -> paddle.Tensor:
+        input_ids, positions, batch = self._prepare(steps)
         with no_strided_views():
             return self.model(input_ids, positions, self.kv_caches, batch)
 
-    def _prepare(self, seqs: list[Sequence], is_prefill: bool):
+    def _prepare(self, steps: list[StepInput]):
         """Token ids, positions and cache addressing for the new tokens of each sequence.
 
-        Prefill feeds all tokens of a sequence (recompute after preemption included); decode feeds
-        the last one. Every sequence attends to all its tokens, which the cache then holds.
+        Every sequence attends to all its tokens, which the cache holds once this step has written
+        the new ones. Query slots are padded to the longest new run (decode: 1 each).
         """
-        new_lens = [seq.num_tokens if is_prefill else 1 for seq in seqs]
-        max_query_len, max_key_len = max(new_lens), max(seq.num_tokens for seq in seqs)
+        new_lens = [len(step.new_token_ids) for step in steps]
+        max_query_len, max_key_len = max(new_lens), max(step.num_tokens for step in steps)
         input_ids, positions, slots, query_index, token_index = [], [], [], [], []
-        key_slots = np.zeros((len(seqs), max_key_len), dtype=np.int64)
-        mask = np.full((len(seqs), max_query_len, max_key_len), -np.inf, dtype=np.float32)
-        for i, (seq, num_new) in enumerate(zip(seqs, new_lens, strict=True)):
-            start = seq.num_tokens - num_new
-            seq_slots = self._slots(seq.block_table, seq.num_tokens)
-            input_ids += seq.token_ids[start:]
-            positions += range(start, seq.num_tokens)
+        key_slots = np.zeros((len(steps), max_key_len), dtype=np.int64)
+        mask = np.full((len(steps), max_query_len, max_key_len), -np.inf, dtype=np.float32)
+        for i, (step, num_new) in enumerate(zip(steps, new_lens, strict=True)):
+            start = step.num_tokens - num_new
+            seq_slots = self._slots(step.block_table, step.num_tokens)
+            input_ids += step.new_token_ids
+            positions += range(start, step.num_tokens)
             slots += seq_slots[start:].tolist()
-            key_slots[i, : seq.num_tokens] = seq_slots
+            key_slots[i, : step.num_tokens] = seq_slots
             first = len(input_ids) - num_new
             query_index += [first + min(j, num_new - 1) for j in range(max_query_len)]
             token_index += [i * max_query_len + j for j in range(num_new)]
             visible = np.arange(max_key_len)[None, :] <= np.arange(start, start + max_query_len)[:, None]
             mask[i][visible] = 0.0
         last_token_index = np.cumsum(new_lens) - 1
-        identity = not is_prefill or all(n == max_query_len for n in new_lens)
+        identity = all(n == max_query_len for n in new_lens)
         batch = AttentionBatch(
             slot_mapping=_tensor(slots),
             query_index=None if identity else _tensor(query_index),
             token_index=None if identity else _tensor(token_index),
             key_slots=paddle.to_tensor(key_slots),
             mask=paddle.to_tensor(mask[:, None, None]).astype(self.cfg.dtype),
-            num_seqs=len(seqs),
+            num_seqs=len(steps),
             max_query_len=max_query_len,
             last_token_index=_tensor(last_token_index),
         )

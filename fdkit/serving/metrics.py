@@ -53,7 +53,7 @@ class ServerMetrics(EngineObserver):
     def attach(self, engine: AsyncLLM) -> None:
         self.running.set_function(lambda: engine.num_running)
         self.waiting.set_function(lambda: engine.num_waiting)
-        self.kv_usage.set_function(lambda: engine.llm.block_manager.usage)
+        self.kv_usage.set_function(lambda: engine.kv_cache_usage)
 
     def on_request(self, num_prompt_tokens: int) -> None:
         self.prompt_tokens.inc(num_prompt_tokens)
