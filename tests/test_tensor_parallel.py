@@ -11,6 +11,7 @@ import httpx
 import numpy as np
 import pytest
 from conftest import TEST_ENGINE
+from server_utils import ROOT
 
 from fdkit import LLM, SamplingParams
 
@@ -156,3 +157,34 @@ def test_killing_a_rank_fails_requests_and_health(tiny_paddle, tmp_path):
         srv.stop()
     time.sleep(1)
     assert not any(is_alive(pid) for pid in ranks)
+
+
+def test_no_rank_outlives_a_killed_parent(tiny_paddle):
+    """SIGKILL leaves the parent no chance to clean up: the ranks must go by themselves."""
+    import subprocess
+    import sys
+
+    script = f"""
+import os, sys, time
+sys.path.insert(0, {str(ROOT / "tests")!r})
+from conftest import TEST_ENGINE
+from server_utils import ROOT
+from fdkit import LLM
+llm = LLM.from_config(["model=ernie", "model.path={tiny_paddle}", "tp=2",
+                       *[f"engine.{{k}}={{v}}" for k, v in TEST_ENGINE.items()]])
+print("PIDS", *llm.rank_pids, flush=True)
+time.sleep(120)
+"""
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        line = next(line for line in parent.stdout if line.startswith("PIDS"))
+        ranks = [int(pid) for pid in line.split()[1:]]
+        assert all(is_alive(pid) for pid in ranks)
+        parent.kill()
+        parent.wait(10)
+        deadline = time.time() + 10
+        while any(is_alive(pid) for pid in ranks) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not any(is_alive(pid) for pid in ranks)
+    finally:
+        parent.kill()

@@ -19,7 +19,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--input-len", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="per rank; 0 shares the cores among ranks")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks")
     parser.add_argument("--kv-cache-gib", type=float, default=2.0)
     parser.add_argument("--baseline", choices=["none", "paddleformers"], default="none")
     parser.set_defaults(run=run)
@@ -45,13 +46,9 @@ def bench_fdkit(llm, prompts: list[list[int]], output_len: int) -> dict:
     start = time.perf_counter()
     while llm.has_unfinished_requests():
         step_start = time.perf_counter()
-        seqs_before = len(llm.scheduler.waiting)
         outputs = llm.step()
         now = time.perf_counter()
-        is_decode = seqs_before == len(llm.scheduler.waiting) and all(
-            o.request_id in first_token for o in outputs
-        )
-        if is_decode:
+        if outputs and all(o.request_id in first_token for o in outputs):  # a decode step
             decode_times.append(now - step_start)
         for output in outputs:
             first_token.setdefault(output.request_id, now - start)
@@ -65,7 +62,20 @@ def bench_fdkit(llm, prompts: list[list[int]], output_len: int) -> dict:
         "decode_step_ms_median": round(statistics.median(decode_times) * 1000, 2),
         "elapsed_s": round(elapsed, 2),
         "peak_rss_mib": round(peak_rss_mib()),
+        **rank_rss(llm),
     }
+
+
+def rank_rss(llm) -> dict:
+    """Resident memory of each tensor-parallel rank process, now (they hold the weights)."""
+    import psutil
+
+    pids = getattr(llm, "rank_pids", None)
+    return (
+        {"rank_rss_mib": [round(psutil.Process(pid).memory_info().rss / 2**20) for pid in pids]}
+        if pids
+        else {}
+    )
 
 
 def load_paddleformers(model_dir: str):
@@ -106,19 +116,27 @@ def run(args) -> None:
     from fdkit import LLM
 
     levels = [int(c) for c in args.concurrency.split(",")]
-    llm = LLM(
-        args.model,
-        threads=args.threads,
-        kv_cache_gib=args.kv_cache_gib,
-        max_num_seqs=max(levels),
-        max_model_len=max(args.input_len + args.output_len, 256),
+    engine = {
+        "threads": args.threads,
+        "kv_cache_gib": args.kv_cache_gib,
+        "max_num_seqs": max(levels),
+        "max_model_len": max(args.input_len + args.output_len, 256),
+    }
+    llm = LLM.from_config(
+        [
+            "model=ernie",
+            f"model.path={args.model}",
+            f"tp={args.tp}",
+            *[f"engine.{k}={v}" for k, v in engine.items()],
+        ]
     )
-    vocab = min(llm.tokenizer.vocab_size, llm.runner.model_config.vocab_size)
+    vocab = min(llm.tokenizer.vocab_size, llm.vocab_size)
     baseline = load_paddleformers(args.model) if args.baseline == "paddleformers" else None
     for concurrency in levels:
         prompts = make_prompts(concurrency, args.input_len, vocab)
         result = {
             "engine": "fdkit",
+            "tp": args.tp,
             "concurrency": concurrency,
             "input_len": args.input_len,
             "output_len": args.output_len,
