@@ -27,11 +27,11 @@ format: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -q
 
-# Serves the default model (written on first use) on port 8188; extra Hydra overrides via ARGS="tp=1 ...".
+# Serves the default model (the embedded demo) on port 8188; extra Hydra overrides via ARGS="tp=1 ...".
 serve: $(STAMP)
 	@echo "fdkit: OpenAI API at http://127.0.0.1:8188/v1 -- try:"
 	@echo "  curl http://127.0.0.1:8188/v1/chat/completions -H 'Content-Type: application/json' \\"
-	@echo "    -d '{\"messages\": [{\"role\": \"user\", \"content\": \"Hello!\"}]}'"
+	@echo "    -d '{\"messages\": [{\"role\": \"user\", \"content\": \"What is 4721-385?\"}]}'"
 	$(BIN)/python launch.py $(ARGS)
 
 bench: $(STAMP)

@@ -14,7 +14,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+PACKAGE_DIR = Path(__file__).resolve().parent
+CONF_DIR = PACKAGE_DIR.parent / "conf"
 
 
 @dataclass
@@ -110,6 +111,8 @@ def register_configs() -> None:
 
 
 register_configs()
+# `${fdkit_dir:}` in conf/ points into the installed package (the embedded demo checkpoint lives there).
+OmegaConf.register_new_resolver("fdkit_dir", lambda: str(PACKAGE_DIR), replace=True)
 
 
 def load_config(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:

@@ -38,7 +38,7 @@ def run(cfg: DictConfig) -> None:
         )
         logger.info(
             "try: curl %s/v1/chat/completions -H 'Content-Type: application/json' "
-            '-d \'{"messages": [{"role": "user", "content": "Hello!"}]}\'',
+            '-d \'{"messages": [{"role": "user", "content": "What is 4721-385?"}]}\'',
             url,
         )
         # uvicorn drains requests on SIGTERM, then re-raises it: exit cleanly, through `finally`, instead.

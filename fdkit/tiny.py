@@ -101,10 +101,13 @@ def corpus_lines(seed: int, num_lines: int = 6000) -> list[str]:
     return lines
 
 
-def train_tokenizer(out: Path, vocab_size: int, seed: int) -> spm.SentencePieceProcessor:
+def train_tokenizer(
+    out: Path, vocab_size: int, seed: int, lines: list[str] | None = None, split_digits: bool = False
+) -> spm.SentencePieceProcessor:
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus_lines(seed)),
+        sentence_iterator=iter(lines if lines is not None else corpus_lines(seed)),
+        split_digits=split_digits,
         model_writer=model,
         model_type="bpe",
         vocab_size=vocab_size,
@@ -221,7 +224,12 @@ def model_config(cfg: dict, layout: str) -> dict:
     }
 
 
-def tokenizer_files(out: Path, sp: spm.SentencePieceProcessor) -> None:
+def tokenizer_files(
+    out: Path,
+    sp: spm.SentencePieceProcessor,
+    chat_template: str | None = None,
+    generation: dict | None = None,
+) -> None:
     added = {token: sp.get_piece_size() + k for k, token in enumerate(ADDED_TOKENS)}
     (out / "added_tokens.json").write_text(json.dumps(added, indent=2))
     (out / "special_tokens_map.json").write_text(json.dumps(SPECIAL_TOKENS, indent=2))
@@ -231,11 +239,11 @@ def tokenizer_files(out: Path, sp: spm.SentencePieceProcessor) -> None:
         "add_bos_token": False,
         "add_eos_token": False,
         "model_max_length": 131072,
-        "chat_template": CHAT_TEMPLATE,
+        "chat_template": chat_template or CHAT_TEMPLATE,
         "additional_special_tokens": [f"<mask:{i}>" for i in range(8)],
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
-    generation = {
+    generation = generation or {
         "bos_token_id": 1,
         "eos_token_id": 2,
         "pad_token_id": 0,

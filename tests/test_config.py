@@ -18,7 +18,8 @@ def group_options():
 
 def test_default_composes():
     cfg = load_config()
-    assert cfg.tp == 1 and cfg.model.tiny_preset == "tiny" and cfg.engine.block_size == 64
+    assert cfg.tp == 1 and cfg.model.name == "ernie-demo" and cfg.engine.block_size == 64
+    assert cfg.server.reasoning_parser == "ernie-45-vl"  # the demo model thinks
 
 
 @pytest.mark.parametrize(("group", "option"), group_options())
@@ -38,3 +39,11 @@ def test_cli_style_overrides_and_type_checks():
 def test_paths_from_environment(monkeypatch):
     monkeypatch.setenv("FDKIT_MODEL_DIR", "/data/models")
     assert load_config(["model=ernie"]).model.path == "/data/models/ERNIE-4.5-0.3B-Paddle"
+
+
+def test_real_ernie_without_weights_names_the_expected_folder(monkeypatch, tmp_path):
+    from fdkit import LLM
+
+    monkeypatch.setenv("FDKIT_MODEL_DIR", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path}/ERNIE-4.5-0.3B-Paddle"):
+        LLM.from_config(["model=ernie"])

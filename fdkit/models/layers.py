@@ -100,15 +100,21 @@ class PagedAttention(nn.Layer):
         self.scale = head_dim**-0.5
 
     def forward(self, q, k, v, k_cache, v_cache, batch: AttentionBatch) -> paddle.Tensor:
-        """q: [tokens, heads, d]; k, v: [tokens, kv_heads, d]; caches: [slots, kv_heads, d]."""
-        k_cache[batch.slot_mapping] = k
-        v_cache[batch.slot_mapping] = v
+        """q: [tokens, heads, d]; k, v: [tokens, kv_heads, d]; caches: [slots, kv_heads, d], or None
+        when every row is a whole sequence (training)."""
         b, lq, g = batch.num_seqs, batch.max_query_len, self.num_heads // self.num_kv_heads
+        if k_cache is None:  # no cache (training): each row attends to its own new tokens
+            keys, values = (
+                t.reshape([b, lq, self.num_kv_heads, self.head_dim]).transpose([0, 2, 1, 3]) for t in (k, v)
+            )
+        else:
+            k_cache[batch.slot_mapping] = k
+            v_cache[batch.slot_mapping] = v
+            keys, values = (self._gather(cache, batch.key_slots) for cache in (k_cache, v_cache))
         if batch.query_index is not None:
             q = paddle.gather(q, batch.query_index)
         q = q.reshape([b, lq, self.num_kv_heads, g, self.head_dim]).transpose([0, 2, 3, 1, 4])
         q = q.reshape([b, self.num_kv_heads, g * lq, self.head_dim])
-        keys, values = (self._gather(cache, batch.key_slots) for cache in (k_cache, v_cache))
         scores = paddle.matmul(q, keys, transpose_y=True) * self.scale  # [b, kvh, g*lq, lk]
         scores = scores.reshape([b, self.num_kv_heads, g, lq, -1])
         scores = scores + batch.mask_as(scores.shape)

@@ -1,0 +1,1 @@
+"""The embedded demo: a small ERNIE 4.5 that adds and subtracts, thinking in visible steps."""
