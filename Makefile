@@ -29,7 +29,7 @@ test: lint
 
 # Serves the default model (the embedded demo) on port 8188; extra Hydra overrides via ARGS="tp=1 ...".
 serve: $(STAMP)
-	@echo "fdkit: OpenAI API at http://127.0.0.1:8188/v1 -- try:"
+	@echo "fdkit: OpenAI API at http://127.0.0.1:8188/v1, playground at http://127.0.0.1:8188/playground/ -- try:"
 	@echo "  curl http://127.0.0.1:8188/v1/chat/completions -H 'Content-Type: application/json' \\"
 	@echo "    -d '{\"messages\": [{\"role\": \"user\", \"content\": \"What is 4721-385?\"}]}'"
 	$(BIN)/python launch.py $(ARGS)

@@ -85,9 +85,10 @@ class ServerConfig:
 
 @dataclass
 class PlaygroundConfig:
-    enabled: bool = False
-    path: str = "/playground"
-    base_url: str | None = None
+    enabled: bool = True
+    path: str = "/playground"  # mounted on the API's port ...
+    port: int | None = None  # ... or served on its own port when set
+    base_url: str | None = None  # None: this server's API; any OpenAI-compatible URL works
 
 
 @dataclass

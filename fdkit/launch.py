@@ -30,6 +30,8 @@ def run(cfg: DictConfig) -> None:
         server = cfg.server
         host = "127.0.0.1" if server.host in ("0.0.0.0", "::") else server.host
         url = f"http://{host}:{server.port}"
+        if cfg.playground.enabled:
+            app = add_playground(app, cfg, url)
         logger.info(
             "serving %s at %s/v1 (OpenAI API), health at %s/health",
             app.state.fdkit.serving.model_name,
@@ -57,3 +59,21 @@ def run(cfg: DictConfig) -> None:
 
 def _exit_cleanly(signum, frame) -> None:
     raise SystemExit(0)
+
+
+def add_playground(app, cfg: DictConfig, url: str):
+    """Mounts the Gradio playground on the API's port, or starts it on its own port if one is set."""
+    import gradio as gr
+
+    from fdkit.playground import build_playground
+
+    keys = list(cfg.server.api_keys or [])
+    blocks = build_playground(
+        base_url=cfg.playground.base_url or f"{url}/v1", api_key=keys[0] if keys else "null"
+    )
+    if cfg.playground.port:
+        blocks.launch(server_name=cfg.server.host, server_port=cfg.playground.port, prevent_thread_lock=True)
+        logger.info("playground at http://127.0.0.1:%d/", cfg.playground.port)
+        return app
+    logger.info("playground at %s%s/", url, cfg.playground.path)
+    return gr.mount_gradio_app(app, blocks, path=cfg.playground.path)

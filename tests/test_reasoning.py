@@ -9,6 +9,7 @@ CASES_45 = [
     ("<think>plan</think>42", ("plan", "42")),
     ("still thinking", ("still thinking", "")),
     ("</think>direct", ("", "direct")),
+    ("plan</think>\n\n42", ("plan", "42")),
 ]
 CASES_X1 = [
     ("plan\n</think>\n\n<response>\n42\n</response>", ("plan\n", "42\n")),

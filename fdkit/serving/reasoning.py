@@ -1,6 +1,7 @@
 """Splitting ERNIE output into reasoning and answer, for whole texts and for streams.
 
-`ernie-45-vl`: reasoning is what comes before `</think>`, the answer what follows it.
+`ernie-45-vl`: reasoning is what comes before `</think>`, the answer what follows it (leading newlines
+dropped).
 `ernie-x1`: the same split; after `</think>` leading newlines are dropped and the answer is the text inside
 `<response>…</response>` (to the end if unclosed), after any plain text before it; a `<tool_call>` ends it.
 Both drop a leading `<think>`. Without `</think>` (yet) everything is reasoning, in a stream and in a whole
@@ -38,7 +39,7 @@ class ReasoningParser:
         return reasoning, self._answer(answer, final)
 
     def _answer(self, text: str, final: bool) -> str:
-        return text
+        return text.lstrip("\n")  # "</think>\n\n42" answers "42" (as vLLM's ERNIE parser does)
 
 
 class ErnieX1ReasoningParser(ReasoningParser):
