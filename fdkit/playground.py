@@ -14,7 +14,9 @@ import openai
 THINKING_TITLE = "Thinking"
 
 
-def build_playground(base_url: str, api_key: str = "null", title: str = "fdkit playground") -> gr.Blocks:
+def build_playground(
+    base_url: str, api_key: str = "null", title: str = "fdkit playground", concurrency: int = 16
+) -> gr.Blocks:
     client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0)
 
     async def list_models():
@@ -91,11 +93,13 @@ def build_playground(base_url: str, api_key: str = "null", title: str = "fdkit p
                 budget = gr.Slider(0, 2048, value=0, step=1, label="reasoning budget (0: none)")
         inputs = [textbox, history, chatbot, model, system, temperature, top_p, max_tokens, thinking, budget]
         outputs = [chatbot, history, stats, textbox]
-        sent = send.click(respond, inputs, outputs, api_name="chat")
-        submitted = textbox.submit(respond, inputs, outputs, api_name=False)
-        stop.click(None, None, None, cancels=[sent, submitted], api_name=False)
-        clear.click(lambda: ([], [], ""), None, [chatbot, history, stats], api_name=False)
-        demo.load(list_models, None, model, api_name=False)
+        private = {"api_visibility": "private"}
+        # several people may chat at once (Gradio's default is one at a time per event)
+        sent = send.click(respond, inputs, outputs, api_name="chat", concurrency_limit=concurrency)
+        submitted = textbox.submit(respond, inputs, outputs, concurrency_limit=concurrency, **private)
+        stop.click(None, None, None, cancels=[sent, submitted], **private)
+        clear.click(lambda: ([], [], ""), None, [chatbot, history, stats], **private)
+        demo.load(list_models, None, model, **private)
     return demo
 
 
