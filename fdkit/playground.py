@@ -81,13 +81,13 @@ def build_playground(
             stop = gr.Button("Stop", variant="stop", scale=1, elem_id="stop")
             clear = gr.Button("Clear", scale=1, elem_id="clear")
         stats = gr.Markdown(elem_id="stats")
-        with gr.Accordion("Settings", open=False):
+        with gr.Accordion("Settings", open=False, elem_id="settings"):
             model = gr.Dropdown(label="Model", choices=[], allow_custom_value=True)
             system = gr.Textbox(label="System prompt", value="")
             with gr.Row():
                 temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="temperature")
                 top_p = gr.Slider(0.01, 1.0, value=1.0, step=0.01, label="top_p")
-                max_tokens = gr.Slider(1, 4096, value=512, step=1, label="max_tokens")
+                max_tokens = gr.Slider(1, 8192, value=512, step=1, label="max_tokens", elem_id="max_tokens")
             with gr.Row():
                 thinking = gr.Checkbox(value=True, label="enable_thinking")
                 budget = gr.Slider(0, 2048, value=0, step=1, label="reasoning budget (0: none)")

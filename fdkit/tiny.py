@@ -65,15 +65,18 @@ USER_SYMBOLS = ["<|begin_of_sentence|>", "<|end_of_sentence|>", *[f"<mask:{i}>" 
 # Atomic but not special (they stay in decoded text, where the reasoning parser finds them); their ids
 # follow SentencePiece's own, as in added_tokens.json.
 ADDED_TOKENS = ["<think>", "</think>"]
-CHAT_TEMPLATE = (
-    "{%- if not add_generation_prompt is defined -%}{%- set add_generation_prompt = true -%}{%- endif -%}"
+# ERNIE 4.5's conversation format; CHAT_TEMPLATE adds its generation prompt.
+MESSAGES_TEMPLATE = (
     "{{- cls_token -}}"
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'user' -%}{{- 'User: ' + message['content'] + '\n' -}}"
     "{%- elif message['role'] == 'assistant' -%}{{- 'Assistant: ' + message['content'] + sep_token -}}"
     "{%- elif message['role'] == 'system' -%}{{- message['content'] + '\n' -}}"
     "{%- endif -%}{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- 'Assistant: ' -}}{%- endif -%}"
+)
+CHAT_TEMPLATE = (
+    MESSAGES_TEMPLATE + "{%- if add_generation_prompt is not defined or add_generation_prompt -%}"
+    "{{- 'Assistant: ' -}}{%- endif -%}"
 )
 WORDS = (
     "the a of and to in is you that it he was for on are as with his they at be this have from or one "

@@ -59,22 +59,33 @@ class Server:
         return self.process.returncode
 
 
-def launch(checkpoint: Path, log_path: Path, *overrides: str, env: dict | None = None) -> Server:
+def launch_config(log_path: Path, *overrides: str, env: dict | None = None) -> Server:
+    """`python launch.py` with small-engine settings and the given overrides (the default model if none)."""
     port = free_port()
     command = [
         sys.executable,
         "launch.py",
-        "model=ernie",
-        f"model.path={checkpoint}",
-        "model.name=ernie-tiny",
         f"server.port={port}",
         "server.host=127.0.0.1",
-        "engine.num_kv_blocks=96",
-        "engine.block_size=16",
         "engine.max_model_len=512",
-        "engine.max_num_seqs=16",
         "engine.show_progress=false",
         "hydra.run.dir=" + str(log_path.parent / f"hydra-{port}"),
         *overrides,
     ]
     return Server(command, port, log_path, env).wait_healthy()
+
+
+def launch(checkpoint: Path, log_path: Path, *overrides: str, env: dict | None = None) -> Server:
+    """A server on a test checkpoint, without the playground."""
+    return launch_config(
+        log_path,
+        "model=ernie",
+        f"model.path={checkpoint}",
+        "model.name=ernie-tiny",
+        "engine.num_kv_blocks=96",
+        "engine.block_size=16",
+        "engine.max_num_seqs=16",
+        "playground.enabled=false",
+        *overrides,
+        env=env,
+    )

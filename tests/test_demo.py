@@ -116,22 +116,10 @@ def test_loads_in_paddleformers(tmp_path):
 
 @pytest.fixture(scope="module")
 def demo_server(tmp_path_factory):
-    import sys
+    from server_utils import launch_config
 
-    from server_utils import Server, free_port
-
-    port = free_port()
-    log = tmp_path_factory.mktemp("demo") / "server.log"
-    command = [
-        sys.executable,
-        "launch.py",
-        f"server.port={port}",
-        "server.host=127.0.0.1",
-        "engine.kv_cache_gib=0.05",
-        "engine.max_model_len=512",
-        f"hydra.run.dir={log.parent}/hydra",
-    ]
-    srv = Server(command, port, log).wait_healthy()  # no model= override: the demo is the default
+    # no model= override: the demo is the default
+    srv = launch_config(tmp_path_factory.mktemp("demo") / "server.log", "engine.kv_cache_gib=0.05")
     yield srv
     srv.stop()
 

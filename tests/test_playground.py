@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import re
 import shutil
-import sys
 import time
 
 import httpx
 import pytest
-from server_utils import Server, free_port
+from server_utils import Server, free_port, launch_config
 
 from fdkit import load_config
 from fdkit.tokenizer import Tokenizer
@@ -18,19 +17,7 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
 def start(tmp_path_factory, name: str, *overrides: str) -> Server:
-    port = free_port()
-    log = tmp_path_factory.mktemp(name) / "server.log"
-    command = [
-        sys.executable,
-        "launch.py",
-        f"server.port={port}",
-        "server.host=127.0.0.1",
-        "engine.kv_cache_gib=0.05",
-        "engine.max_model_len=512",
-        f"hydra.run.dir={log.parent}/hydra",
-        *overrides,
-    ]
-    return Server(command, port, log).wait_healthy()
+    return launch_config(tmp_path_factory.mktemp(name) / "server.log", "engine.kv_cache_gib=0.05", *overrides)
 
 
 @pytest.fixture(scope="module")
@@ -150,10 +137,16 @@ def test_browser_stop_aborts_a_long_generation(browser, tmp_path_factory, tiny_p
         f"model.path={tiny_paddle}",
         "model.name=tiny",
         "server.reasoning_parser=null",
+        "engine.max_model_len=4096",
     )
     try:
         page = browser.new_page()
         page.goto(srv.base_url + "/playground/")
+        page.locator("#message textarea").wait_for()
+        page.locator("#settings").get_by_text("Settings").first.click()  # a long reply: up to 4000 tokens
+        number = page.get_by_label("number input for max_tokens")
+        number.fill("4000")
+        number.press("Enter")
         page.locator("#message textarea").fill("hello")
         page.locator("#send").click()
         deadline = time.time() + 20

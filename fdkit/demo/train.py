@@ -20,6 +20,7 @@ import numpy as np
 
 from fdkit.demo.arithmetic import Problem, held_out_problems, random_problem
 from fdkit.tiny import (
+    MESSAGES_TEMPLATE,
     checkpoint_tensors,
     model_config,
     tokenizer_files,
@@ -29,13 +30,7 @@ from fdkit.tiny import (
 
 # Thinking on (the default) opens the think block in the prompt; off closes an empty one, as ERNIE's
 # thinking models do.
-CHAT_TEMPLATE = (
-    "{{- cls_token -}}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'user' -%}{{- 'User: ' + message['content'] + '\n' -}}"
-    "{%- elif message['role'] == 'assistant' -%}{{- 'Assistant: ' + message['content'] + sep_token -}}"
-    "{%- elif message['role'] == 'system' -%}{{- message['content'] + '\n' -}}"
-    "{%- endif -%}{%- endfor -%}"
+CHAT_TEMPLATE = MESSAGES_TEMPLATE + (
     "{%- if add_generation_prompt is not defined or add_generation_prompt -%}"
     "{%- if enable_thinking is defined and not enable_thinking -%}"
     "{{- 'Assistant: <think>\n\n</think>\n\n' -}}"
