@@ -65,7 +65,7 @@ def build_playground(
             history.append({"role": "assistant", "content": turn.answer})
         yield display + turn.messages(), history, turn.stats(), ""
 
-    with gr.Blocks(title=title) as demo:
+    with gr.Blocks(title=title, analytics_enabled=False) as demo:  # no calls home from the server
         gr.Markdown(f"### {title}")
         chatbot = gr.Chatbot(label="Chat", height=480, elem_id="chat")
         history = gr.State([])
