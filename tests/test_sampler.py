@@ -67,12 +67,15 @@ def test_flat_distribution_beyond_candidates_falls_back_to_full_sort():
 
 
 def test_seed_reproduces_and_rows_are_independent():
+    """A seeded row draws the same 20 tokens alone and between rows with other parameters and seeds."""
     params = SamplingParams(temperature=1.0, seed=7)
     sampler = Sampler([EOS])
-    rows = [np.full(50, 1 / 50)] * 3
-    alone = [sampler(logits_from_probs(rows[:1]), seqs_for([params])) for _ in range(1)]
-    mixed = sampler(logits_from_probs(rows), seqs_for([SamplingParams(), params, SamplingParams(top_k=5)]))
-    assert mixed[1] == alone[0][0]
+    flat = np.full(50, 1 / 50)
+    alone_seq = seqs_for([params])[0]
+    alone = [sampler(logits_from_probs([flat]), [alone_seq])[0] for _ in range(20)]
+    batch = seqs_for([SamplingParams(seed=1), params, SamplingParams(top_k=5, seed=2)])
+    mixed = [sampler(logits_from_probs([flat] * 3), batch)[1] for _ in range(20)]
+    assert mixed == alone and len(set(alone)) > 5
 
 
 def test_min_tokens_bans_eos_and_stop_tokens():
