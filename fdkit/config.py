@@ -89,6 +89,7 @@ class PlaygroundConfig:
     path: str = "/playground"  # mounted on the API's port ...
     port: int | None = None  # ... or served on its own port when set
     base_url: str | None = None  # None: this server's API; any OpenAI-compatible URL works
+    max_tokens: int = 512  # where the max_tokens slider starts
 
 
 @dataclass

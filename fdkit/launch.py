@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import logging
 import signal
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from fdkit.engine.async_engine import AsyncLLM
 
 logger = logging.getLogger("fdkit")
 
 
-def build_engine(cfg: DictConfig):
+def build_engine(cfg: DictConfig) -> AsyncLLM:
     from fdkit.engine.async_engine import AsyncLLM
     from fdkit.engine.llm_engine import LLM
 
@@ -61,7 +67,7 @@ def _exit_cleanly(signum, frame) -> None:
     raise SystemExit(0)
 
 
-def add_playground(app, cfg: DictConfig, url: str):
+def add_playground(app: FastAPI, cfg: DictConfig, url: str) -> FastAPI:
     """Mounts the Gradio playground on the API's port, or starts it on its own port if one is set."""
     import gradio as gr
 
@@ -69,7 +75,9 @@ def add_playground(app, cfg: DictConfig, url: str):
 
     keys = list(cfg.server.api_keys or [])
     blocks = build_playground(
-        base_url=cfg.playground.base_url or f"{url}/v1", api_key=keys[0] if keys else "null"
+        base_url=cfg.playground.base_url or f"{url}/v1",
+        api_key=keys[0] if keys else "null",
+        max_tokens=cfg.playground.max_tokens,
     )
     if cfg.playground.port:
         blocks.launch(server_name=cfg.server.host, server_port=cfg.playground.port, prevent_thread_lock=True)

@@ -15,8 +15,13 @@ THINKING_TITLE = "Thinking"
 
 
 def build_playground(
-    base_url: str, api_key: str = "null", title: str = "fdkit playground", concurrency: int = 16
+    base_url: str,
+    api_key: str = "null",
+    title: str = "fdkit playground",
+    concurrency: int = 16,
+    max_tokens: int = 512,
 ) -> gr.Blocks:
+    """`max_tokens` is the slider's starting value; `concurrency` how many chats may run at once."""
     client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0)
 
     async def list_models():
@@ -87,11 +92,24 @@ def build_playground(
             with gr.Row():
                 temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="temperature")
                 top_p = gr.Slider(0.01, 1.0, value=1.0, step=0.01, label="top_p")
-                max_tokens = gr.Slider(1, 8192, value=512, step=1, label="max_tokens", elem_id="max_tokens")
+                max_tokens_slider = gr.Slider(
+                    1, 8192, value=max_tokens, step=1, label="max_tokens", elem_id="max_tokens"
+                )
             with gr.Row():
                 thinking = gr.Checkbox(value=True, label="enable_thinking")
                 budget = gr.Slider(0, 2048, value=0, step=1, label="reasoning budget (0: none)")
-        inputs = [textbox, history, chatbot, model, system, temperature, top_p, max_tokens, thinking, budget]
+        inputs = [
+            textbox,
+            history,
+            chatbot,
+            model,
+            system,
+            temperature,
+            top_p,
+            max_tokens_slider,
+            thinking,
+            budget,
+        ]
         outputs = [chatbot, history, stats, textbox]
         private = {"api_visibility": "private"}
         # several people may chat at once (Gradio's default is one at a time per event)

@@ -138,15 +138,12 @@ def test_browser_stop_aborts_a_long_generation(browser, tmp_path_factory, tiny_p
         "model.name=tiny",
         "server.reasoning_parser=null",
         "engine.max_model_len=4096",
+        "playground.max_tokens=4000",  # a long reply (no EOS before 3000 tokens): Stop comes first
+        "sampling.min_tokens=3000",
     )
     try:
         page = browser.new_page()
         page.goto(srv.base_url + "/playground/")
-        page.locator("#message textarea").wait_for()
-        page.locator("#settings").get_by_text("Settings").first.click()  # a long reply: up to 4000 tokens
-        number = page.get_by_label("number input for max_tokens")
-        number.fill("4000")
-        number.press("Enter")
         page.locator("#message textarea").fill("hello")
         page.locator("#send").click()
         deadline = time.time() + 20
@@ -161,7 +158,8 @@ def test_browser_stop_aborts_a_long_generation(browser, tmp_path_factory, tiny_p
             if 'finish_reason="abort"} 1.0' in metrics:
                 break
             time.sleep(0.1)
-        assert 'fdkit:request_success_total{finish_reason="abort"} 1.0' in metrics
+        finished = re.findall(r'request_success_total\{finish_reason="(\w+)"\} (\S+)', metrics)
+        assert 'fdkit:request_success_total{finish_reason="abort"} 1.0' in metrics, finished
         assert "fdkit:kv_cache_usage_perc 0.0" in metrics
     finally:
         srv.stop()

@@ -10,6 +10,7 @@ import json
 import resource
 import statistics
 import time
+from typing import Any
 
 import numpy as np
 
@@ -78,7 +79,7 @@ def rank_rss(llm) -> dict:
     )
 
 
-def load_paddleformers(model_dir: str):
+def load_paddleformers(model_dir: str) -> Any:
     from paddleformers.transformers import Ernie4_5Config, Ernie4_5ForCausalLM
     from paddleformers.utils.log import logger
 

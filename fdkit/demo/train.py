@@ -14,6 +14,7 @@ import random
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from fdkit.tiny import (
     train_tokenizer,
     write_shards,
 )
+from fdkit.tokenizer import Tokenizer
 
 # Thinking on (the default) opens the think block in the prompt; off closes an empty one, as ERNIE's
 # thinking models do.
@@ -68,7 +70,7 @@ def tokenizer_corpus(seed: int, num: int = 4000) -> list[str]:
     return lines
 
 
-def build_tokenizer(folder: Path, seed: int):
+def build_tokenizer(folder: Path, seed: int) -> Tokenizer:
     from fdkit.tokenizer import Tokenizer
 
     sp = train_tokenizer(folder, 400, seed, lines=tokenizer_corpus(seed), split_digits=True)
@@ -84,7 +86,7 @@ def encode_example(tokenizer, problem: Problem, thinking: bool) -> tuple[list[in
     return prompt + completion, len(prompt)
 
 
-def training_batches(seed: int, batch_size: int):
+def training_batches(seed: int, batch_size: int) -> Iterator[tuple[list[Problem], list[bool]]]:
     """The training stream: (problems, thinking flags) per step, the same for a seed every time."""
     rng = random.Random(seed)
     while True:
@@ -98,7 +100,7 @@ def training_set(seed: int, steps: int, batch_size: int) -> set[tuple[int, str, 
     return {(p.a, p.op, p.b) for _ in range(steps) for p in next(batches)[0]}
 
 
-def make_batch(examples: list[tuple[list[int], int]]):
+def make_batch(examples: list[tuple[list[int], int]]) -> tuple[np.ndarray, np.ndarray]:
     """Right-padded ids, targets (-100 where no loss) and the causal mask of a batch."""
     length = max(len(ids) for ids, _ in examples)
     ids = np.zeros((len(examples), length), dtype=np.int64)

@@ -91,7 +91,9 @@ class AsyncLLM:
             if not finished:
                 self.abort(seq.request_id)
 
-    async def generate(self, prompt: Prompt, params: SamplingParams, request_id: str):
+    async def generate(
+        self, prompt: Prompt, params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
         """prepare + stream in one call."""
         seq = await self.prepare(prompt, params, request_id)
         async for output in self.stream(seq):

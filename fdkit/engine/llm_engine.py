@@ -9,6 +9,7 @@ import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from omegaconf import DictConfig
@@ -18,6 +19,9 @@ from fdkit.config import load_config, resolve_path, to_overrides
 from fdkit.engine.kv_cache import BlockManager
 from fdkit.engine.scheduler import Scheduler, SchedulerConfig
 from fdkit.engine.sequence import SamplingParams, Sequence
+
+if TYPE_CHECKING:
+    from fdkit.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 Prompt = str | list[int]
@@ -348,7 +352,7 @@ def _num_written(token_ids: list[int], end_ids: list[int]) -> int:
     return 0
 
 
-def load_tokenizer(model_path: Path):
+def load_tokenizer(model_path: Path) -> Tokenizer:
     from fdkit.models import model_module
     from fdkit.tokenizer import Tokenizer
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
 
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from jinja2.exceptions import TemplateError
 
 from fdkit.engine.async_engine import AsyncLLM, EngineDeadError
@@ -15,7 +14,8 @@ from fdkit.engine.llm_engine import RequestOutput
 from fdkit.engine.sequence import SamplingParams, Sequence
 from fdkit.serving import protocol as P
 from fdkit.serving.errors import APIError, from_engine_error
-from fdkit.serving.reasoning import ReasoningParser, ReasoningStream, get_parser
+from fdkit.serving.reasoning import ReasoningParser, get_parser
+from fdkit.serving.streams import ChoiceStream, collect, merge, sse, sse_response
 
 GENERATION_CONFIG_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty")
 
@@ -100,7 +100,7 @@ class OpenAIServing:
                 400, f"messages could not be rendered with the chat template: {exc}", "messages"
             ) from exc
 
-    async def chat(self, req: P.ChatCompletionRequest):
+    async def chat(self, req: P.ChatCompletionRequest) -> Response:
         prompt, thinking = self.chat_prompt(req)
         metadata = req.metadata or {}
         min_tokens = req.min_tokens if req.min_tokens is not None else metadata.get("min_tokens")
@@ -232,7 +232,7 @@ class OpenAIServing:
 
     # -- completions ----------------------------------------------------------------------------
 
-    async def completion(self, req: P.CompletionRequest):
+    async def completion(self, req: P.CompletionRequest) -> Response:
         prompts = completion_prompts(req.prompt)
         if req.stream and len(prompts) > 1:
             raise APIError(400, "streaming supports a single prompt", "prompt")
@@ -329,79 +329,7 @@ class OpenAIServing:
         yield "data: [DONE]\n\n"
 
 
-class ChoiceStream:
-    """What one choice of a stream has sent so far."""
-
-    def __init__(self, parser: ReasoningParser | None):
-        self.reasoning = ReasoningStream(parser) if parser else None
-        self.num_chars = 0
-        self.num_tokens = 0
-        self.last: RequestOutput | None = None
-
-    def advance(self, out: RequestOutput) -> tuple[str, str, list[int]]:
-        """(reasoning delta, content delta, new token ids) for the newest output."""
-        new_ids = out.token_ids[self.num_tokens :]
-        self.num_tokens, self.last = len(out.token_ids), out
-        if self.reasoning is not None:
-            reasoning, content = self.reasoning.feed(out.text, final=out.finished)
-            return reasoning, content, new_ids
-        delta = out.text[self.num_chars :]
-        self.num_chars = len(out.text)
-        return "", delta, new_ids
-
-
 def completion_prompts(prompt) -> list:
     if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
         return [prompt]
     return list(prompt)
-
-
-async def collect(engine: AsyncLLM, seqs: list[Sequence]) -> list[RequestOutput]:
-    last: dict[int, RequestOutput] = {}
-    try:
-        async for i, out in merge(engine, seqs):
-            last[i] = out
-    except EngineDeadError as exc:
-        raise APIError(503, str(exc), code="engine_unavailable") from exc
-    return [last[i] for i in range(len(seqs))]
-
-
-async def merge(engine: AsyncLLM, seqs: list[Sequence]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Outputs of several requests as they arrive, tagged with their index; closing it aborts them all."""
-    if len(seqs) == 1:
-        async for out in engine.stream(seqs[0]):
-            yield 0, out
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(index: int, seq: Sequence) -> None:
-        try:
-            async for out in engine.stream(seq):
-                await queue.put((index, out))
-        except EngineDeadError as exc:
-            await queue.put((index, exc))
-        finally:
-            await queue.put((index, None))
-
-    tasks = [asyncio.create_task(pump(i, seq)) for i, seq in enumerate(seqs)]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            index, item = await queue.get()
-            if item is None:
-                remaining -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                yield index, item
-    finally:
-        for task in tasks:
-            task.cancel()
-
-
-def sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
-
-
-def sse_response(stream: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
