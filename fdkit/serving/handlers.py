@@ -26,6 +26,7 @@ class OpenAIServing:
         self.tokenizer = engine.llm.tokenizer
         self.model_name = cfg.server.served_model_name or cfg.model.name
         self.parser: ReasoningParser | None = get_parser(cfg.server.reasoning_parser)
+        self.reasoning_end_ids = self.tokenizer.encode(self.parser.end_token) if self.parser else []
         path = engine.llm.model_path / "generation_config.json"
         generation = json.loads(path.read_text()) if path.is_file() else {}
         self.model_defaults = {k: generation[k] for k in GENERATION_CONFIG_KEYS if k in generation}
@@ -51,7 +52,7 @@ class OpenAIServing:
             max_tokens = min(max_tokens or cap, cap)
         seed = req.seed if req.seed is not None else self.cfg.sampling.seed
         pick = lambda value, name, fallback: value if value is not None else self._default(name, fallback)  # noqa: E731
-        reasoning_end = self.tokenizer.encode(self.parser.end_token) if self.parser else []
+        reasoning_end = self.reasoning_end_ids
         try:
             return SamplingParams(
                 temperature=pick(req.temperature, "temperature", 1.0),
@@ -171,7 +172,7 @@ class OpenAIServing:
         )
 
     def _num_reasoning_tokens(self, out: RequestOutput, parser: ReasoningParser) -> int:
-        end_ids = self.tokenizer.encode(parser.end_token)
+        end_ids = self.reasoning_end_ids
         ids = out.token_ids
         for k in range(len(ids) - len(end_ids) + 1):
             if ids[k : k + len(end_ids)] == end_ids:
