@@ -1,4 +1,4 @@
-"""python launch.py model=ernie tp=8 server.port=8188 — serves the composed config."""
+"""python launch.py model=ernie tp=8 server.port=8188 — serves the composed config (as `fdkit serve`)."""
 
 import hydra
 from omegaconf import DictConfig
@@ -6,7 +6,7 @@ from omegaconf import DictConfig
 from fdkit.config import register_configs
 
 
-@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+@hydra.main(config_path="fdkit/conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from fdkit.launch import run
 

@@ -1,7 +1,8 @@
 """fdkit: deploy ERNIE 4.5 on PaddlePaddle from a notebook, a Hydra config or an OpenAI-compatible server."""
 
 from fdkit.config import load_config
-from fdkit.engine.llm_engine import LLM, RequestOutput
+from fdkit.engine.llm import LLM
+from fdkit.engine.llm_engine import RequestOutput
 from fdkit.engine.sequence import SamplingParams
 
 __all__ = ["LLM", "RequestOutput", "SamplingParams", "load_config"]

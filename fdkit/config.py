@@ -1,11 +1,13 @@
-"""Typed config schemas, registered in Hydra's ConfigStore, and `load_config` for Python use.
+"""Typed config: the dataclass schemas (registered in Hydra's ConfigStore) and `load_config`.
 
-The YAML files in `conf/` pick values; these dataclasses say what may be set and of what type.
+The YAML files in `fdkit/conf/` pick values; these dataclasses say what may be set, of what type, and
+the defaults. A composed config becomes an `FdkitConfig` once (`to_config`); typed objects go down.
 No paddle import here: composing a config must stay cheap.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,17 +17,13 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-CONF_DIR = PACKAGE_DIR.parent / "conf"
+CONF_DIR = PACKAGE_DIR / "conf"
 
 
 @dataclass
 class ModelConfig:
-    name: str = "ernie"
-    path: str = "???"
-    # When set and `path` holds no checkpoint yet, `python -m fdkit.tiny` writes one there first.
-    tiny_preset: str | None = None
-    tiny_layout: str = "paddle"
-    tiny_seed: int = 0
+    name: str = "ernie"  # served as this name unless server.served_model_name is set
+    path: str = "???"  # the checkpoint folder, as published
     reasoning_parser: str | None = None  # "ernie-45-vl" / "ernie-x1" for models that think
 
 
@@ -33,19 +31,20 @@ class ModelConfig:
 class EngineConfig:
     device: str = "cpu"  # "cpu", "gpu" or "gpu:N"
     dtype: str = "float32"  # "bfloat16" / "float16" need a GPU build of paddle
-    threads: int = 0  # 0: one per core
-    block_size: int = 64
+    threads: int = 0  # 0: the host's cores shared among the ranks
+    block_size: int = 64  # tokens per KV block
     kv_cache_gib: float = 1.0  # memory for the KV cache of one rank
     num_kv_blocks: int | None = None  # overrides kv_cache_gib when set
-    max_num_seqs: int = 32
-    max_num_batched_tokens: int | None = None  # None: max(max_model_len, 2048)
+    max_num_seqs: int = 32  # sequences per step
+    max_num_batched_tokens: int | None = None  # None: max(max_model_len, 2048); no chunked prefill yet
     max_model_len: int | None = 4096  # None: the model's max_position_embeddings
-    seed: int = 0
-    show_progress: bool = True
-    # tensor parallelism (tp > 1): where rank 0's collective endpoint listens; dist_port null = free ports
+    seed: int = 0  # unseeded requests draw from this seed, reproducibly
+    show_progress: bool = True  # a progress bar while the weights load
+    # rank processes (tp > 1): where rank 0's collective endpoint listens; dist_port None picks free
+    # ports, so a second engine on the host never collides
     dist_host: str = "127.0.0.1"
     dist_port: int | None = None
-    rank_start_timeout_s: float = 600.0
+    rank_start_timeout_s: float = 600.0  # ranks that are not ready by then fail the start
 
 
 @dataclass
@@ -70,16 +69,16 @@ class SamplingConfig:
 class ServerConfig:
     host: str = "0.0.0.0"
     port: int = 8188
-    served_model_name: str | None = None  # None: the model's name
-    api_keys: list[str] = field(default_factory=list)  # FDKIT_API_KEY adds comma-separated keys
+    served_model_name: str | None = None  # None: model.name
+    api_keys: list[str] = field(default_factory=list)  # empty: no authentication
     cors_origins: list[str] = field(default_factory=lambda: ["*"])
-    max_concurrency: int = 512
+    max_concurrency: int = 512  # requests in flight; more get 429
     max_request_bytes: int = 4 * 2**20
     max_stop_strings: int = 16
     max_stop_string_len: int = 256
-    strict_model_name: bool = False
+    strict_model_name: bool = False  # True: a request naming another model gets 404
     reasoning_parser: str | None = None
-    shutdown_grace_s: float = 30.0
+    shutdown_grace_s: float = 30.0  # SIGTERM: how long running requests may finish
     log_level: str = "info"
 
 
@@ -103,6 +102,7 @@ class FdkitConfig:
 
 
 def register_configs() -> None:
+    """Schemas in Hydra's ConfigStore, and the resolvers `fdkit/conf/` uses."""
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=FdkitConfig)
     cs.store(group="model", name="base_model", node=ModelConfig)
@@ -110,22 +110,47 @@ def register_configs() -> None:
     cs.store(group="sampling", name="base_sampling", node=SamplingConfig)
     cs.store(group="server", name="base_server", node=ServerConfig)
     cs.store(group="playground", name="base_playground", node=PlaygroundConfig)
+    OmegaConf.register_new_resolver("fdkit_dir", lambda: str(PACKAGE_DIR), replace=True)
+    OmegaConf.register_new_resolver("comma_list", _comma_list, replace=True)
+    OmegaConf.register_new_resolver("tiny_checkpoint", _tiny_checkpoint, replace=True)
 
 
-register_configs()
-# `${fdkit_dir:}` in conf/ points into the installed package (the embedded demo checkpoint lives there).
-OmegaConf.register_new_resolver("fdkit_dir", lambda: str(PACKAGE_DIR), replace=True)
+def _comma_list(text: str) -> list[str]:
+    """ "a, b" -> ["a", "b"]; "" -> []."""
+    return [item.strip() for item in str(text).split(",") if item.strip()]
 
 
-def load_config(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
-    """Compose `conf/` with the same override strings as the command line, e.g. ["model=ernie", "tp=2"]."""
+def _tiny_checkpoint(path: str, preset: str = "tiny", layout: str = "paddle", seed: int = 0) -> str:
+    """A random-weight checkpoint at `path`, written there by `fdkit.tiny` the first time it is asked for."""
+    from fdkit.tiny import ensure_checkpoint
+
+    return str(ensure_checkpoint(resolve_path(path), preset, layout, int(seed)))
+
+
+def load_config(overrides: list[str] | None = None, config_name: str = "config") -> FdkitConfig:
+    """Compose `fdkit/conf/` with the command line's override strings, e.g. ["model=ernie", "tp=2"]."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    register_configs()
     GlobalHydra.instance().clear()  # a notebook may compose many times
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name=config_name, overrides=list(overrides or []))
-    return cfg
+    return to_config(cfg)
+
+
+def to_config(cfg: DictConfig | FdkitConfig | dict) -> FdkitConfig:
+    """The typed config of a composed DictConfig (resolved once), or of a plain dict of one."""
+    if isinstance(cfg, FdkitConfig):
+        return cfg
+    if isinstance(cfg, dict):
+        cfg = OmegaConf.merge(OmegaConf.structured(FdkitConfig), cfg)
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+def to_dict(cfg: FdkitConfig) -> dict:
+    """Plain values, for a message to another process."""
+    return dataclasses.asdict(cfg)
 
 
 def to_overrides(values: dict[str, Any], prefix: str = "") -> list[str]:
@@ -137,9 +162,5 @@ def to_overrides(values: dict[str, Any], prefix: str = "") -> list[str]:
     return items
 
 
-def resolve_path(path: str) -> Path:
+def resolve_path(path: str | Path) -> Path:
     return Path(os.path.expanduser(path)).resolve()
-
-
-def as_container(cfg: DictConfig) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

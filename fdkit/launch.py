@@ -1,4 +1,5 @@
-"""`run(cfg)`: build the engine from a composed config and serve it. `launch.py` is its Hydra front."""
+"""`run(cfg)`: build the engine from a composed config and serve it. `launch.py` and `fdkit serve`
+are its Hydra fronts."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
 
+from fdkit.config import FdkitConfig, to_config
+
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
@@ -16,20 +19,21 @@ if TYPE_CHECKING:
 logger = logging.getLogger("fdkit")
 
 
-def build_engine(cfg: DictConfig) -> AsyncLLM:
+def build_engine(cfg: FdkitConfig) -> AsyncLLM:
     from fdkit.engine.async_engine import AsyncLLM
-    from fdkit.engine.llm_engine import LLM
+    from fdkit.engine.llm import LLM
 
     return AsyncLLM(LLM(config=cfg))
 
 
-def run(cfg: DictConfig) -> None:
+def run(cfg: DictConfig | FdkitConfig) -> None:
     import uvicorn
 
     from fdkit.serving.openai_app import build_app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logger.info("resolved config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
+    cfg = to_config(cfg)
+    logger.info("resolved config:\n%s", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     engine = build_engine(cfg)
     try:
         app = build_app(engine, cfg)
@@ -67,13 +71,13 @@ def _exit_cleanly(signum, frame) -> None:
     raise SystemExit(0)
 
 
-def add_playground(app: FastAPI, cfg: DictConfig, url: str) -> FastAPI:
+def add_playground(app: FastAPI, cfg: FdkitConfig, url: str) -> FastAPI:
     """Mounts the Gradio playground on the API's port, or starts it on its own port if one is set."""
     import gradio as gr
 
     from fdkit.playground import build_playground
 
-    keys = list(cfg.server.api_keys or [])
+    keys = cfg.server.api_keys
     blocks = build_playground(
         base_url=cfg.playground.base_url or f"{url}/v1",
         api_key=keys[0] if keys else "null",

@@ -125,7 +125,7 @@ class IncrementalDecoder:
 
     def step(self, token_id: int) -> str:
         self.token_ids.append(token_id)
-        decode = lambda ids: self.tokenizer.decode(ids, self.skip_special_tokens)  # noqa: E731
+        decode = lambda ids: self.tokenizer.decode(ids, self.skip_special_tokens)
         prefix_text = decode(self.token_ids[self.prefix_offset : self.read_offset])
         new_text = decode(self.token_ids[self.prefix_offset :])
         if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):

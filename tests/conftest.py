@@ -1,16 +1,12 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import TEST_ENGINE
 
-sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-# Small engines for tests: a few MiB of KV cache instead of the default budget.
-TEST_ENGINE = dict(num_kv_blocks=64, block_size=16, max_model_len=512, max_num_seqs=16, show_progress=False)
 
 
 @pytest.fixture(scope="session")

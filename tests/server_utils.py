@@ -22,13 +22,15 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, command: list[str], port: int, log_path: Path, env: dict | None = None):
+    def __init__(
+        self, command: list[str], port: int, log_path: Path, env: dict | None = None, cwd: Path = ROOT
+    ):
         self.port = port
         self.base_url = f"http://127.0.0.1:{port}"
         self.log_path = log_path
         self.log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            command, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            command, cwd=cwd, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
         )
 
     def wait_healthy(self, timeout: float = 120) -> Server:
@@ -69,7 +71,6 @@ def launch_config(log_path: Path, *overrides: str, env: dict | None = None) -> S
         "server.host=127.0.0.1",
         "engine.max_model_len=512",
         "engine.show_progress=false",
-        "hydra.run.dir=" + str(log_path.parent / f"hydra-{port}"),
         *overrides,
     ]
     return Server(command, port, log_path, env).wait_healthy()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import TEST_ENGINE
+from helpers import TEST_ENGINE
 
 from fdkit import LLM, SamplingParams
 
@@ -36,9 +36,9 @@ def test_batch_equals_alone_under_preemption(tiny_paddle, alone):
     small = LLM(tiny_paddle, **{**TEST_ENGINE, "num_kv_blocks": 8, "max_model_len": 128})
     try:
         together = small.generate(PROMPTS, GREEDY, use_tqdm=False)
-        assert small.scheduler.num_preemptions > 0
+        assert small.engine.scheduler.num_preemptions > 0
         assert [o.token_ids for o in together] == alone
-        assert small.block_manager.num_free_blocks == 8  # every block came back
+        assert small.engine.block_manager.num_free_blocks == 8  # every block came back
     finally:
         small.close()
 
@@ -58,4 +58,4 @@ def test_many_requests_in_flight_at_once(llm):
     prompts = [f"request number {i}" for i in range(40)]
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True), use_tqdm=False)
     assert [len(o.token_ids) for o in outs] == [5] * 40
-    assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+    assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks

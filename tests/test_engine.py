@@ -6,7 +6,7 @@ import json
 import shutil
 
 import pytest
-from conftest import TEST_ENGINE
+from helpers import TEST_ENGINE
 
 from fdkit import LLM, SamplingParams
 
@@ -56,12 +56,16 @@ def test_stop_strings_are_cut_or_kept(llm, reference):
 def test_streamed_text_grows_and_holds_back_partial_stop_strings(llm, reference):
     stop = "zzz-never"
     request_id = llm.add_request(PROMPT, greedy(stop=[stop]))
-    texts = []
+    outputs = []
     while llm.has_unfinished_requests():
-        texts += [o.text for o in llm.step() if o.request_id == request_id]
+        outputs += [o for o in llm.step() if o.request_id == request_id]
+    texts = [o.text for o in outputs]
     assert all(b.startswith(a) for a, b in zip(texts, texts[1:], strict=False))
-    assert texts[-1] == reference.text
-    assert all(len(t) <= max(0, len(reference.text) - 0) for t in texts)
+    assert outputs[-1].finished and texts[-1] == reference.text
+    hold = len(stop) - 1  # characters that could still turn out to open the stop string
+    for out in outputs[:-1]:
+        decoded = llm.tokenizer.decode(out.token_ids)
+        assert out.text == decoded[: max(0, len(decoded) - hold)]
 
 
 def test_eos_stops_unless_ignored(tiny_paddle, tmp_path, reference):
@@ -85,12 +89,12 @@ def test_eos_stops_unless_ignored(tiny_paddle, tmp_path, reference):
 
 
 def test_abort_frees_blocks(llm):
-    free = llm.block_manager.num_free_blocks
+    free = llm.engine.block_manager.num_free_blocks
     request_id = llm.add_request(PROMPT * 3, greedy(max_tokens=100))
     llm.step()
-    assert llm.block_manager.num_free_blocks < free
+    assert llm.engine.block_manager.num_free_blocks < free
     llm.abort(request_id)
-    assert llm.block_manager.num_free_blocks == free and not llm.has_unfinished_requests()
+    assert llm.engine.block_manager.num_free_blocks == free and not llm.has_unfinished_requests()
 
 
 def test_max_tokens_defaults_to_what_is_left_of_the_context(llm):
@@ -128,5 +132,5 @@ def test_from_config(tiny_paddle):
         "engine.show_progress=false",
     ]
     with LLM.from_config(overrides) as llm:
-        assert llm.block_manager.num_blocks == 40 and llm.max_model_len == 256
+        assert llm.engine.block_manager.num_blocks == 40 and llm.max_model_len == 256
         assert llm.generate("hi", greedy(max_tokens=3), use_tqdm=False)[0].finish_reason == "length"

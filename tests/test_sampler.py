@@ -93,7 +93,7 @@ def test_penalties_match_their_definitions():
     seq = seqs_for(
         [SamplingParams(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25)], prompt=(1,)
     )[0]
-    seq.token_ids += [2, 2, 3]  # generated: token 2 twice, token 3 once; token 1 only in the prompt
+    seq.all_token_ids += [2, 2, 3]  # generated: token 2 twice, token 3 once; token 1 only in the prompt
     out = sampler._apply_penalties(logits, [seq]).numpy()[0]
     expected = [1.0, -1.0 * 2, 2.0 / 2 - 0.5 * 2 - 0.25, 0.5 / 2 - 0.5 - 0.25, 3.0]
     np.testing.assert_allclose(out, expected, rtol=1e-6)

@@ -10,7 +10,7 @@ import time
 import httpx
 import numpy as np
 import pytest
-from conftest import TEST_ENGINE
+from helpers import TEST_ENGINE
 from server_utils import ROOT
 
 from fdkit import LLM, SamplingParams
@@ -53,15 +53,15 @@ def tp2(tiny_paddle):
         ]
     )
     yield llm
-    pids = llm.rank_pids
+    pids = llm.engine.rank_pids
     llm.close()
     assert not any(is_alive(pid) for pid in pids)
 
 
 def test_two_ranks_each_hold_half(tp1, tp2):
-    assert len(tp2.rank_pids) == 2 and all(is_alive(pid) for pid in tp2.rank_pids)
-    total = sum(int(p.size) for p in tp1.runner.model.parameters())
-    for rank in tp2.rank_info:
+    assert len(tp2.engine.rank_pids) == 2 and all(is_alive(pid) for pid in tp2.engine.rank_pids)
+    total = sum(int(p.size) for p in tp1.engine.runner.model.parameters())
+    for rank in tp2.engine.rank_info:
         # norms are replicated, everything else split: a shade over half
         assert 0.5 * total <= rank["num_parameters"] <= 0.52 * total
 
@@ -101,7 +101,7 @@ def test_two_engines_side_by_side(tiny_paddle, tp2):
         out = other.generate("hi", SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)[0]
         assert len(out.token_ids) == 3
     finally:
-        pids = other.rank_pids
+        pids = other.engine.rank_pids
         other.close()
     assert not any(is_alive(pid) for pid in pids)
 
@@ -167,12 +167,12 @@ def test_no_rank_outlives_a_killed_parent(tiny_paddle):
     script = f"""
 import os, sys, time
 sys.path.insert(0, {str(ROOT / "tests")!r})
-from conftest import TEST_ENGINE
+from helpers import TEST_ENGINE
 from server_utils import ROOT
 from fdkit import LLM
 llm = LLM.from_config(["model=ernie", "model.path={tiny_paddle}", "tp=2",
                        *[f"engine.{{k}}={{v}}" for k, v in TEST_ENGINE.items()]])
-print("PIDS", *llm.rank_pids, flush=True)
+print("PIDS", *llm.engine.rank_pids, flush=True)
 time.sleep(120)
 """
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=ROOT)

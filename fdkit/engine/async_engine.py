@@ -12,7 +12,8 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 
-from fdkit.engine.llm_engine import LLM, EngineDeadError, Prompt, RequestOutput
+from fdkit.engine.llm import LLM, Prompt
+from fdkit.engine.llm_engine import EngineDeadError, RequestOutput
 from fdkit.engine.sequence import SamplingParams, Sequence
 
 logger = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ class AsyncLLM:
                 for output in self.llm.step():
                     self.metrics.on_output(output)
                     self._deliver(output.request_id, output)
-        except BaseException as exc:  # noqa: BLE001 - every failure must reach the waiting callers
+        except BaseException as exc:  # every failure must reach the waiting callers
             logger.exception("engine loop failed")
             self.error = exc
             for request_id in list(self._listeners):

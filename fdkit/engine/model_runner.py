@@ -54,7 +54,7 @@ class StepInput:
 
     @classmethod
     def of(cls, seq: Sequence, is_prefill: bool) -> StepInput:
-        new = seq.token_ids if is_prefill else seq.token_ids[-1:]
+        new = seq.all_token_ids if is_prefill else seq.all_token_ids[-1:]
         return cls(list(new), seq.num_tokens, list(seq.block_table))
 
 

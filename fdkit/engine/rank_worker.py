@@ -1,9 +1,142 @@
-"""Entry point of a tensor-parallel rank process: `python -m fdkit.engine.rank_worker ARGS_JSON`."""
+"""Inside a rank process: `python -m fdkit.engine.rank_worker ARGS_JSON` (started by `RankEngine`).
 
+Rank 0 runs the engine core and, per step, sends each other rank one small message (the new token ids,
+lengths and block tables of the batch); all ranks then run the forward pass, meeting in paddle's
+collectives (gloo on CPU, NCCL on GPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
 import json
+import os
+import signal
 import sys
+import time
+import traceback
+from multiprocessing.connection import Client, Connection, Listener
+from pathlib import Path
 
-from fdkit.engine.tp_engine import rank_main
+from fdkit.config import FdkitConfig, to_config
+from fdkit.engine.llm_engine import LLMEngine, load_tokenizer
+
+
+def rank_main(args: dict) -> None:
+    _die_with_parent()
+    rank, world_size = args["rank"], args["world_size"]
+    authkey = bytes.fromhex(args["authkey"])
+    conn = _connect(tuple(args["driver"]) if rank == 0 else tuple(args["rank0_listen"]), authkey)
+    try:
+        config = to_config(args["config"])
+        device = config.engine.device
+        if device.startswith("gpu"):
+            config.engine.device = f"gpu:{rank}"
+        peers = _accept_peers(args, authkey) if rank == 0 else []
+        if rank > 0:
+            conn.send(rank)
+        _init_process_group(rank, world_size, device, args["endpoints"])
+        model_path = Path(args["model_path"])
+        if rank == 0:
+            _serve_rank0(config, model_path, conn, peers)
+        else:
+            _serve_peer(config, model_path, conn)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            conn.send(("error", f"rank {rank}: {traceback.format_exc()}"))
+        raise
+
+
+def _accept_peers(args: dict, authkey: bytes) -> list[Connection]:
+    listener = Listener(tuple(args["rank0_listen"]), authkey=authkey)
+    peers = [listener.accept() for _ in range(args["world_size"] - 1)]
+    peers.sort(key=lambda peer: peer.recv())  # each peer first says its rank
+    listener.close()
+    return peers
+
+
+def _die_with_parent() -> None:
+    """A rank must not outlive the process that started it (Linux: PR_SET_PDEATHSIG)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+
+def _connect(address: tuple, authkey: bytes, timeout_s: float = 60.0) -> Connection:
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            return Client(address, authkey=authkey)
+        except OSError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def _init_process_group(rank: int, world_size: int, device: str, endpoints: list[str]) -> None:
+    backend = "gloo" if device == "cpu" else "nccl"
+    os.environ.update(
+        {
+            "PADDLE_TRAINER_ID": str(rank),
+            "PADDLE_TRAINERS_NUM": str(world_size),
+            "PADDLE_TRAINER_ENDPOINTS": ",".join(endpoints),
+            "PADDLE_CURRENT_ENDPOINT": endpoints[rank],
+            "PADDLE_DISTRI_BACKEND": backend,
+        }
+    )
+    import paddle
+    import paddle.distributed as dist
+
+    if backend == "nccl":
+        paddle.set_flags({"FLAGS_selected_gpus": str(rank)})
+    dist.init_parallel_env()
+
+    from fdkit.parallel import set_parallel_state
+
+    set_parallel_state(rank, world_size, None)
+
+
+def _parameter_count(model) -> int:
+    return sum(int(p.size) for p in model.parameters())
+
+
+def _serve_peer(config: FdkitConfig, model_path: Path, conn: Connection) -> None:
+    from fdkit.engine.model_runner import ModelRunner
+
+    runner = ModelRunner(config.engine, model_path, world_size=config.tp)
+    conn.send(("ready", {"pid": os.getpid(), "num_parameters": _parameter_count(runner.model)}))
+    while True:
+        message = conn.recv()
+        if message[0] == "close":
+            return
+        runner.run(message[1])
+
+
+def _serve_rank0(config: FdkitConfig, model_path: Path, conn: Connection, peers: list[Connection]) -> None:
+    engine = LLMEngine(config, model_path, load_tokenizer(model_path), peers=peers)
+    ranks = [{"pid": os.getpid(), "num_parameters": _parameter_count(engine.runner.model)}]
+    for peer in peers:
+        status, info = peer.recv()
+        if status != "ready":
+            raise RuntimeError(info)
+        ranks.append(info)
+    handlers = {
+        "hello": lambda: {
+            "max_model_len": engine.max_model_len,
+            "vocab_size": engine.vocab_size,
+            "ranks": ranks,
+        },
+        "add": engine.add_sequence,
+        "abort": engine.abort,
+        "step": lambda: (engine.step(), engine.stats),
+    }
+    while True:
+        message = conn.recv()
+        if message[0] == "close":
+            for peer in peers:
+                peer.send(("close",))
+            return
+        conn.send(("ok", handlers[message[0]](*message[1:])))
+
 
 if __name__ == "__main__":
     rank_main(json.loads(sys.argv[1]))

@@ -62,10 +62,10 @@ class Sampler:
         counts = np.zeros((num_rows, vocab_size), dtype=np.float32)
         seen = np.zeros((num_rows, vocab_size), dtype=bool)
         for i, seq in enumerate(seqs):
-            ids = _in_vocab(seq.token_ids, vocab_size)
+            ids = _in_vocab(seq.all_token_ids, vocab_size)
             counts[i] = np.bincount(_in_vocab(seq.completion_token_ids, vocab_size), minlength=vocab_size)
             seen[i, ids] = True
-        column = lambda name: paddle.to_tensor(  # noqa: E731
+        column = lambda name: paddle.to_tensor(
             np.array([getattr(s.params, name) for s in seqs], dtype=np.float32)[:, None]
         )
         rep = column("repetition_penalty")

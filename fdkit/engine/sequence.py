@@ -88,12 +88,12 @@ class SequenceStatus(Enum):
 class Sequence:
     _ids = itertools.count()
 
-    def __init__(self, token_ids: list[int], params: SamplingParams, request_id: str | None = None):
+    def __init__(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None):
         self.seq_id = next(Sequence._ids)
         self.request_id = request_id if request_id is not None else str(self.seq_id)
         self.status = SequenceStatus.WAITING
-        self.token_ids = list(token_ids)
-        self.num_prompt_tokens = len(token_ids)
+        self.all_token_ids = list(prompt_token_ids)  # the prompt, then the completion so far
+        self.num_prompt_tokens = len(prompt_token_ids)
         self.params = params
         self.block_table: list[int] = []
         self.arrival_time = time.time()
@@ -110,32 +110,25 @@ class Sequence:
         self.is_reasoning = params.reasoning_max_tokens is not None and bool(params.reasoning_end_token_ids)
         self.num_reasoning_tokens = 0
 
-    def __len__(self) -> int:
-        return len(self.token_ids)
-
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        return len(self.all_token_ids)
 
     @property
     def num_completion_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+        return len(self.all_token_ids) - self.num_prompt_tokens
 
     @property
     def prompt_token_ids(self) -> list[int]:
-        return self.token_ids[: self.num_prompt_tokens]
+        return self.all_token_ids[: self.num_prompt_tokens]
 
     @property
     def completion_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]
-
-    @property
-    def last_token(self) -> int:
-        return self.token_ids[-1]
+        return self.all_token_ids[self.num_prompt_tokens :]
 
     @property
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
 
     def append_token(self, token_id: int) -> None:
-        self.token_ids.append(token_id)
+        self.all_token_ids.append(token_id)

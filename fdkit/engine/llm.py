@@ -1,0 +1,171 @@
+"""`LLM`: the engine's front for notebooks and the server. It tokenizes and validates requests, and
+drives an engine core built by `build_engine`: in this process (tp=1) or over rank processes (tp>1),
+one API either way."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Sequence as Seq
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from fdkit.config import FdkitConfig, load_config, to_config, to_overrides
+from fdkit.engine.llm_engine import LLMEngine, RequestOutput, checkpoint_folder, load_tokenizer
+from fdkit.engine.rank_engine import RankEngine
+from fdkit.engine.sequence import SamplingParams, Sequence
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+    from fdkit.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+Prompt = str | list[int]
+
+
+def build_engine(config: FdkitConfig, model_path: Path, tokenizer: Tokenizer) -> LLMEngine | RankEngine:
+    """The engine core the config asks for; both kinds have the same API."""
+    if config.tp > 1:
+        return RankEngine(config, model_path)
+    return LLMEngine(config, model_path, tokenizer)
+
+
+class LLM:
+    """ERNIE 4.5 from Python: `LLM(path)`, `LLM.from_config(["model=ernie"])`, then generate or chat."""
+
+    def __init__(
+        self,
+        model_path: str | Path | None = None,
+        *,
+        config: FdkitConfig | DictConfig | None = None,
+        **engine_overrides,
+    ):
+        self.config = to_config(config) if config is not None else _compose(model_path, engine_overrides)
+        self.model_path = checkpoint_folder(self.config.model.path)
+        self.tokenizer = load_tokenizer(self.model_path)
+        self.engine = build_engine(self.config, self.model_path, self.tokenizer)
+        self.max_model_len, self.vocab_size = self.engine.max_model_len, self.engine.vocab_size
+        self._request_counter = itertools.count()
+        self._closed = False
+
+    @classmethod
+    def from_config(cls, overrides: list[str] | FdkitConfig | DictConfig | None = None) -> LLM:
+        is_overrides = overrides is None or isinstance(overrides, list)
+        return cls(config=load_config(overrides) if is_overrides else overrides)
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    def add_request(
+        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
+    ) -> str:
+        return self.add_sequence(self.make_sequence(prompt, params, request_id))
+
+    def make_sequence(
+        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
+    ) -> Sequence:
+        """Tokenizes and validates a request (ValueError if bad); changes no engine state."""
+        params = params or SamplingParams()
+        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self._validate_prompt(token_ids, params)
+        seq = Sequence(token_ids, params, request_id)
+        seq.prompt = prompt if isinstance(prompt, str) else None
+        seq.max_tokens = min(params.max_tokens or self.max_model_len, self.max_model_len - len(token_ids))
+        seed = params.seed
+        if seed is None:  # unseeded requests still draw reproducibly from the engine's seed
+            seed = np.random.SeedSequence(self.config.engine.seed, spawn_key=(next(self._request_counter),))
+        seq.rng = np.random.default_rng(seed)
+        return seq
+
+    def _validate_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
+        if not token_ids:
+            raise ValueError("the prompt is empty")
+        if any(not 0 <= t < self.vocab_size for t in token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        if len(token_ids) + params.min_tokens >= self.max_model_len:
+            raise ValueError(
+                f"Input text is too long, input_ids_len ({len(token_ids)}) + "
+                f"min_tokens({params.min_tokens}) >= max_model_len({self.max_model_len})"
+            )
+
+    def add_sequence(self, seq: Sequence) -> str:
+        return self.engine.add_sequence(seq)
+
+    def abort(self, request_id: str) -> bool:
+        """Ends a request and frees its blocks; False if it had already finished."""
+        return self.engine.abort(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.engine.has_unfinished_requests()
+
+    @property
+    def stats(self) -> dict:
+        """Requests running and waiting, and the fraction of KV blocks in use."""
+        return self.engine.stats
+
+    def step(self) -> list[RequestOutput]:
+        """One engine step: the text so far of every request it advanced."""
+        return self.engine.step()
+
+    # -- convenience --------------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: Prompt | Seq[Prompt],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        prompts = [prompts] if isinstance(prompts, str) or _is_token_list(prompts) else list(prompts)
+        if not isinstance(sampling_params, Seq):
+            sampling_params = [sampling_params or SamplingParams()] * len(prompts)
+        request_ids = [self.add_request(p, sp) for p, sp in zip(prompts, sampling_params, strict=True)]
+        results: dict[str, RequestOutput] = {}
+        with tqdm(total=len(prompts), desc="Generating", disable=not use_tqdm) as bar:
+            while len(results) < len(request_ids):
+                for output in self.step():
+                    if output.finished:
+                        results[output.request_id] = output
+                        bar.update(1)
+        return [results[rid] for rid in request_ids]
+
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        enable_thinking: bool | None = None,
+        use_tqdm: bool = True,
+        **template_kwargs,
+    ) -> list[RequestOutput]:
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        if enable_thinking is not None:
+            template_kwargs["enable_thinking"] = enable_thinking
+        prompts = [
+            self.tokenizer.apply_chat_template(c, add_generation_prompt=True, **template_kwargs)
+            for c in conversations
+        ]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _compose(model_path: str | Path | None, engine_overrides: dict) -> FdkitConfig:
+    overrides = to_overrides(engine_overrides, "engine")
+    if model_path is not None:  # a folder of the user's
+        overrides += ["model=ernie", f"model.path={model_path}", f"model.name={Path(model_path).name}"]
+    return load_config(overrides)
+
+
+def _is_token_list(value) -> bool:
+    return isinstance(value, list) and bool(value) and isinstance(value[0], int)

@@ -1,0 +1,175 @@
+"""The engine over rank processes (tp > 1): the same API as `LLMEngine`, served by N processes.
+
+Rank 0 holds the engine core (scheduler, KV bookkeeping, sampler, detokenizer) and its shard of the
+model; ranks 1..N-1 hold only their shards (`fdkit/engine/rank_worker.py`). The driver (the caller's
+process) talks to rank 0 only, one request and one reply per call, and watches every rank: if one dies,
+the others are killed and the engine reports itself dead, so nothing hangs on a collective.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from multiprocessing.connection import Connection, Listener, wait
+from pathlib import Path
+
+from fdkit.config import FdkitConfig, to_dict
+from fdkit.engine.llm_engine import EngineDeadError, RequestOutput
+from fdkit.engine.sequence import Sequence
+
+logger = logging.getLogger(__name__)
+
+
+class RankEngine:
+    """The engine API, forwarded to rank 0 of `config.tp` rank processes."""
+
+    def __init__(self, config: FdkitConfig, model_path: Path):
+        self.requests: dict[str, Sequence] = {}
+        self._stats = {"num_running": 0, "num_waiting": 0, "kv_cache_usage": 0.0}
+        self.error: str | None = None
+        self._closed = False
+        self.processes, self._conn = start_ranks(config, model_path)
+        info = self._call(("hello",), timeout=config.engine.rank_start_timeout_s)
+        self.max_model_len, self.vocab_size = info["max_model_len"], info["vocab_size"]
+        self.rank_info = info["ranks"]
+        logger.info("tensor-parallel engine ready: %d ranks, pids %s", config.tp, self.rank_pids)
+
+    @property
+    def rank_pids(self) -> list[int]:
+        return [p.pid for p in self.processes]
+
+    def add_sequence(self, seq: Sequence) -> str:
+        if seq.request_id in self.requests:
+            raise ValueError(f"request id {seq.request_id!r} is already in use")
+        self._call(("add", seq))
+        self.requests[seq.request_id] = seq
+        return seq.request_id
+
+    def abort(self, request_id: str) -> bool:
+        if self.requests.pop(request_id, None) is None:
+            return False
+        return self._call(("abort", request_id))
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def stats(self) -> dict:
+        return dict(self._stats)
+
+    def step(self) -> list[RequestOutput]:
+        outputs, self._stats = self._call(("step",))
+        for output in outputs:
+            if output.finished:
+                self.requests.pop(output.request_id, None)
+        return outputs
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(Exception):
+            if self.error is None:
+                self._conn.send(("close",))
+        stop_ranks(self.processes)
+
+    def _call(self, message: tuple, timeout: float | None = None):
+        """Sends one message to rank 0 and waits for its reply, watching every rank while it waits."""
+        if self.error is not None:
+            raise EngineDeadError(self.error)
+        deadline = None if timeout is None else time.time() + timeout
+        try:
+            self._conn.send(message)
+            while not wait([self._conn], timeout=0.2):
+                dead = [p.pid for p in self.processes if not p.is_alive()]
+                if dead:
+                    self._fail(f"rank process(es) {dead} stopped")
+                if deadline is not None and time.time() > deadline:
+                    self._fail(f"rank 0 did not answer {message[0]!r} within {timeout} s")
+            status, payload = self._conn.recv()
+        except (EOFError, OSError) as exc:
+            self._fail(f"lost rank 0: {exc}")
+        if status == "error":
+            self._fail(payload)
+        return payload
+
+    def _fail(self, reason: str):
+        self.error = reason
+        stop_ranks(self.processes)
+        raise EngineDeadError(reason)
+
+
+class RankProcess:
+    """One rank, started as `python -m fdkit.engine.rank_worker` (no re-import of the caller's script)."""
+
+    def __init__(self, rank: int, args: dict):
+        command = [sys.executable, "-m", "fdkit.engine.rank_worker", json.dumps({**args, "rank": rank})]
+        self.rank = rank
+        self.popen = subprocess.Popen(command, start_new_session=True)  # own process group
+        self.pid = self.popen.pid
+
+    def is_alive(self) -> bool:
+        return self.popen.poll() is None
+
+
+def start_ranks(config: FdkitConfig, model_path: Path) -> tuple[list[RankProcess], Connection]:
+    world_size, engine = config.tp, config.engine
+    ports = (
+        [engine.dist_port + k for k in range(world_size + 1)]
+        if engine.dist_port
+        else free_ports(world_size + 1)
+    )
+    authkey = secrets.token_bytes(16)
+    listener = Listener(("127.0.0.1", 0), authkey=authkey)
+    args = {
+        "world_size": world_size,
+        "config": to_dict(config),
+        "model_path": str(model_path),
+        "endpoints": [f"{engine.dist_host}:{port}" for port in ports[:world_size]],
+        "driver": list(listener.address),
+        "rank0_listen": [engine.dist_host, ports[world_size]],
+        "authkey": authkey.hex(),
+    }
+    processes = [RankProcess(rank, args) for rank in range(world_size)]
+    accepted: list[Connection] = []
+    thread = threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True)
+    thread.start()  # rank 0 reports in; meanwhile, watch that no rank has died
+    deadline = time.time() + engine.rank_start_timeout_s
+    while thread.is_alive() and all(p.is_alive() for p in processes) and time.time() < deadline:
+        thread.join(0.2)
+    listener.close()
+    if not accepted:
+        stop_ranks(processes, grace_s=0)
+        raise EngineDeadError("the rank processes did not start (see their output above)")
+    return processes, accepted[0]
+
+
+def stop_ranks(processes: list[RankProcess], grace_s: float = 5.0) -> None:
+    """Waits briefly for a clean exit, then kills each rank with its whole process group."""
+    deadline = time.time() + grace_s
+    while time.time() < deadline and any(p.is_alive() for p in processes):
+        time.sleep(0.05)
+    for process in processes:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)  # the rank and what paddle started under it
+        process.popen.wait(5)
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
