@@ -2,14 +2,27 @@
 
 Tensors are memory-mapped and read one at a time, so loading never holds two copies of the weights,
 and a tensor-parallel rank reads only the slice it keeps.
+
+A model module says how its weights are named and laid out in each published checkpoint layout with a
+table of `TensorRule`s (its `CHECKPOINT_RULES`); the functions here apply such a table both ways:
+`match_tensor` for loading, `checkpoint_tensors` / `save_checkpoint` for writing.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import os
+import re
+import shutil
 import struct
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import NamedTuple
 
 import numpy as np
 
@@ -146,3 +159,177 @@ def save_safetensors(tensors: dict[str, np.ndarray], path: Path, bf16: bool = Fa
         f.write(header_bytes)
         for blob in blobs:
             f.write(blob)
+
+
+def write_shards(
+    tensors: dict[str, np.ndarray], folder: Path, num_shards: int = 1, bf16: bool = False
+) -> None:
+    """`model.safetensors`, or `num_shards` numbered shards (tensors dealt round-robin) and their index."""
+    names = list(tensors)
+    groups = [names[k::num_shards] for k in range(num_shards)]
+    weight_map = {}
+    for k, group in enumerate(groups):
+        file = (
+            f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors" if len(groups) > 1 else "model.safetensors"
+        )
+        save_safetensors({name: tensors[name] for name in group}, folder / file, bf16=bf16)
+        weight_map |= {name: file for name in group}
+    if len(groups) > 1:
+        (folder / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+
+
+@contextmanager
+def staged_folder(out: Path, replace: bool = True) -> Iterator[Path]:
+    """A new folder beside `out` to write into; when the block succeeds, one rename makes it `out`, so
+    nobody sees a half-written `out`. An existing `out` is replaced, or with `replace=False` kept (another
+    process got there first) and the staged copy dropped."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        yield staging
+        if replace and out.exists():
+            shutil.rmtree(out)
+        try:
+            os.replace(staging, out)
+        except OSError:
+            if replace or not out.exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+# Checkpoint layouts as data: a model module's CHECKPOINT_RULES, applied to read and to write.
+
+
+@dataclass(frozen=True)
+class TensorRule:
+    """Where one weight of a model is stored in each checkpoint layout.
+
+    Names are templates: `{i}` (or any `{field}`) stands for an index, such as a layer's, and takes the
+    same value in all of them. A layout in `transposed_in` stores the transpose of each part.
+    """
+
+    target: str  # the weight as the model loads it: a key of its weight_shapes / weight_specs
+    parameter: str  # the model parameter holding it
+    tensors: Mapping[str, tuple[str, ...]]  # layout -> tensors holding its parts in order; one name: all
+    transposed_in: tuple[str, ...] = ()  # layouts that store its tensors transposed ([out, in])
+
+
+class TensorMatch(NamedTuple):
+    target: str
+    part: int | None  # None: the tensor holds all the target's parts, fused along the out axis
+    is_transposed: bool
+
+
+@functools.cache
+def _template_pattern(template: str) -> re.Pattern:
+    pieces = re.split(r"\{(\w+)\}", template)  # literal, field, literal, field, ..., literal
+    regex = "".join(re.escape(p) if k % 2 == 0 else f"(?P<{p}>\\d+)" for k, p in enumerate(pieces))
+    return re.compile(regex + r"\Z")
+
+
+def _match_template(template: str, name: str) -> dict[str, str] | None:
+    match = _template_pattern(template).match(name)
+    return match.groupdict() if match else None
+
+
+def layouts(rules: Sequence[TensorRule]) -> list[str]:
+    return list(dict.fromkeys(layout for rule in rules for layout in rule.tensors))
+
+
+def match_tensor(rules: Sequence[TensorRule], layout: str, name: str) -> TensorMatch | None:
+    """What a checkpoint tensor of `layout` holds, or None if no rule names it."""
+    for rule in rules:
+        templates = rule.tensors.get(layout, ())
+        for part, template in enumerate(templates):
+            fields = _match_template(template, name)
+            if fields is not None:
+                fused = len(templates) == 1
+                return TensorMatch(
+                    rule.target.format(**fields), None if fused else part, layout in rule.transposed_in
+                )
+    return None
+
+
+def detect_layout(rules: Sequence[TensorRule], names: Iterable[str]) -> str:
+    """The layout whose rules name the most of a checkpoint's tensors."""
+    names = list(names)
+    return max(
+        layouts(rules), key=lambda layout: sum(match_tensor(rules, layout, n) is not None for n in names)
+    )
+
+
+def _rule_for_target(rules: Sequence[TensorRule], target: str) -> tuple[TensorRule, dict[str, str]]:
+    for rule in rules:
+        fields = _match_template(rule.target, target)
+        if fields is not None:
+            return rule, fields
+    raise KeyError(f"no checkpoint rule for the model's weight {target!r}")
+
+
+def parameter_name(rules: Sequence[TensorRule], target: str) -> str:
+    """The model parameter that holds a weight the model loads."""
+    rule, fields = _rule_for_target(rules, target)
+    return rule.parameter.format(**fields)
+
+
+def fused_shape(part_shapes: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
+    """The shape of parts concatenated along their last (out) axis."""
+    return (*part_shapes[0][:-1], sum(shape[-1] for shape in part_shapes))
+
+
+def split_parts(array: np.ndarray, part_shapes: Sequence[tuple[int, ...]]) -> list[np.ndarray]:
+    bounds = np.cumsum([shape[-1] for shape in part_shapes])[:-1]
+    return np.split(array, bounds, axis=-1)
+
+
+def checkpoint_tensors(
+    state: Mapping[str, np.ndarray],
+    rules: Sequence[TensorRule],
+    weight_shapes: Mapping[str, list[tuple[int, ...]]],
+    layout: str,
+) -> dict[str, np.ndarray]:
+    """A model's parameters (`state`, by parameter name) as the tensors of a checkpoint `layout`.
+
+    `weight_shapes` is the model's: the weights it loads, in the order to write them, with their parts.
+    """
+    tensors = {}
+    for target, part_shapes in weight_shapes.items():
+        rule, fields = _rule_for_target(rules, target)
+        parameter = rule.parameter.format(**fields)
+        templates = rule.tensors[layout]
+        parts = _parameter_parts(parameter, state[parameter], part_shapes, len(templates))
+        for template, part in zip(templates, parts, strict=True):
+            tensors[template.format(**fields)] = part.T if layout in rule.transposed_in else part
+    return tensors
+
+
+def _parameter_parts(
+    name: str, array: np.ndarray, part_shapes: Sequence[tuple[int, ...]], num_tensors: int
+) -> list[np.ndarray]:
+    """The parameter whole when one tensor stores it, else split into its parts."""
+    if tuple(array.shape) != fused_shape(part_shapes):
+        raise ValueError(f"{name} has shape {list(array.shape)}, expected {list(fused_shape(part_shapes))}")
+    return [array] if num_tensors == 1 else split_parts(array, part_shapes)
+
+
+def save_checkpoint(
+    folder: str | Path,
+    state: Mapping[str, np.ndarray],
+    module: ModuleType,
+    raw_config: dict,
+    layout: str,
+    num_shards: int = 1,
+    bf16: bool = False,
+) -> None:
+    """Writes a model's parameters as a checkpoint of `layout`: safetensors shards and config.json.
+
+    `module` is the model's (CONFIG_CLASS, CHECKPOINT_RULES, weight_shapes); `raw_config` its config.json.
+    """
+    rules = module.CHECKPOINT_RULES
+    if layout not in layouts(rules):
+        raise ValueError(f"unknown checkpoint layout {layout!r}; the model's are {layouts(rules)}")
+    weight_shapes = module.weight_shapes(module.CONFIG_CLASS.from_dict(raw_config))
+    folder = Path(folder)
+    write_shards(checkpoint_tensors(state, rules, weight_shapes, layout), folder, num_shards, bf16)
+    (folder / "config.json").write_text(json.dumps(raw_config, indent=2))

@@ -4,6 +4,7 @@
 
 `tiny` loads in well under a second (tests); `0.3b` has ERNIE-4.5-0.3B's dimensions (benchmarks).
 The same seed gives the same weights in both layouts, and the same files on every run.
+`ensure_checkpoint` writes one only where none is yet.
 """
 
 from __future__ import annotations
@@ -12,14 +13,13 @@ import argparse
 import io
 import json
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
 
-from fdkit.checkpoint import INDEX_FILE, save_safetensors
+from fdkit.checkpoint import parameter_name, save_checkpoint, staged_folder
+from fdkit.models import ernie4_5
 
 PRESETS = {
     "tiny": dict(
@@ -134,69 +134,26 @@ def train_tokenizer(
     return spm.SentencePieceProcessor(model_proto=model.getvalue())
 
 
-def random_weights(cfg: dict, seed: int) -> dict[str, np.ndarray]:
-    """Weights in Paddle's [in, out] orientation under neutral names; scaled so logits are well apart."""
+def random_weights(raw_config: dict, seed: int) -> dict[str, np.ndarray]:
+    """Our model's parameters by name, random; scaled so logits are well apart."""
     rng = np.random.default_rng(seed)
-    h, i, d = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
-    q_out, kv_out = cfg["num_attention_heads"] * d, cfg["num_key_value_heads"] * d
-    normal = lambda *shape: rng.standard_normal(shape, dtype=np.float32) / np.sqrt(shape[0])  # noqa: E731
-    weights = {
-        "embed_tokens": 0.2 * rng.standard_normal((cfg["vocab_size"], h), dtype=np.float32),
-        "norm": 1 + 0.1 * rng.standard_normal(h, dtype=np.float32),
-    }
-    if not cfg["tie_word_embeddings"]:
-        weights["lm_head"] = rng.standard_normal((cfg["vocab_size"], h), dtype=np.float32) * 0.5
-    for n in range(cfg["num_hidden_layers"]):
-        weights |= {
-            f"{n}.q": normal(h, q_out),
-            f"{n}.k": normal(h, kv_out),
-            f"{n}.v": normal(h, kv_out),
-            f"{n}.o": 4 * normal(q_out, h),
-            f"{n}.gate": normal(h, i),
-            f"{n}.up": normal(h, i),
-            f"{n}.down": 4 * normal(i, h),  # layers outweigh the embedding: no echo of the last token
-            f"{n}.input_layernorm": 1 + 0.1 * rng.standard_normal(h, dtype=np.float32),
-            f"{n}.post_attention_layernorm": 1 + 0.1 * rng.standard_normal(h, dtype=np.float32),
-        }
-    return weights
+    shapes = ernie4_5.weight_shapes(ernie4_5.CONFIG_CLASS.from_dict(raw_config))
+    state = {}
+    for target, part_shapes in shapes.items():
+        parts = [random_part(rng, target, shape) for shape in part_shapes]
+        state[parameter_name(ernie4_5.CHECKPOINT_RULES, target)] = np.concatenate(parts, axis=-1)
+    return state
 
 
-def checkpoint_tensors(weights: dict[str, np.ndarray], cfg: dict, layout: str) -> dict[str, np.ndarray]:
-    """Names and orientation of the `-Paddle` layout (fused, [in, out]) or the `-PT` one."""
-    prefix = "ernie." if layout == "paddle" else "model."
-    out = {f"{prefix}embed_tokens.weight": weights["embed_tokens"], f"{prefix}norm.weight": weights["norm"]}
-    if "lm_head" in weights:
-        out["lm_head.weight"] = weights["lm_head"].T if layout == "paddle" else weights["lm_head"]
-    for n in range(cfg["num_hidden_layers"]):
-        w = lambda key: weights[f"{n}.{key}"]  # noqa: E731, B023
-        layer = f"{prefix}layers.{n}."
-        out[layer + "input_layernorm.weight"] = w("input_layernorm")
-        out[layer + "post_attention_layernorm.weight"] = w("post_attention_layernorm")
-        if layout == "paddle":
-            out[layer + "self_attn.qkv_proj.weight"] = np.concatenate([w("q"), w("k"), w("v")], axis=1)
-            out[layer + "self_attn.o_proj.weight"] = w("o")
-            out[layer + "mlp.up_gate_proj.weight"] = np.concatenate([w("gate"), w("up")], axis=1)
-            out[layer + "mlp.down_proj.weight"] = w("down")
-        else:
-            for key in ("q", "k", "v", "o"):
-                out[layer + f"self_attn.{key}_proj.weight"] = w(key).T
-            for key in ("gate", "up", "down"):
-                out[layer + f"mlp.{key}_proj.weight"] = w(key).T
-    return out
-
-
-def write_shards(tensors: dict[str, np.ndarray], out: Path, num_shards: int, bf16: bool) -> None:
-    names = list(tensors)
-    groups = [names[k::num_shards] for k in range(num_shards)] if num_shards > 1 else [names]
-    weight_map = {}
-    for k, group in enumerate(groups):
-        file = (
-            f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors" if len(groups) > 1 else "model.safetensors"
-        )
-        save_safetensors({name: tensors[name] for name in group}, out / file, bf16=bf16)
-        weight_map |= {name: file for name in group}
-    if len(groups) > 1:
-        (out / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+def random_part(rng: np.random.Generator, target: str, shape: tuple[int, ...]) -> np.ndarray:
+    noise = rng.standard_normal(shape, dtype=np.float32)
+    if len(shape) == 1:  # a norm
+        return 1 + 0.1 * noise
+    if target == "embed_tokens":
+        return 0.2 * noise
+    # The layers' outputs outweigh the embedding: no echo of the last token.
+    scale = 4 if target.endswith(("o_proj", "down_proj")) else 1
+    return scale * (noise / np.sqrt(shape[0]))
 
 
 def model_config(cfg: dict, layout: str) -> dict:
@@ -212,7 +169,7 @@ def model_config(cfg: dict, layout: str) -> dict:
         "tie_word_embeddings",
     )
     return {
-        "architectures": ["Ernie4_5_ForCausalLM" if layout == "paddle" else "Ernie4_5ForCausalLM"],
+        "architectures": [ernie4_5.LAYOUT_ARCHITECTURES[layout]],
         "model_type": "ernie4_5",
         "bos_token_id": 1,
         "eos_token_id": 2,
@@ -260,32 +217,49 @@ def tokenizer_files(
 
 
 def write_checkpoint(out: str | Path, preset: str = "tiny", layout: str = "paddle", seed: int = 0) -> Path:
-    """Writes the checkpoint into `out` (atomically: a half-written folder is never left behind)."""
-    if preset not in PRESETS or layout not in ("paddle", "pt"):
-        raise ValueError(f"preset must be one of {list(PRESETS)} and layout 'paddle' or 'pt'")
-    out, cfg = Path(out), PRESETS[preset]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        sp = train_tokenizer(staging, cfg["tokenizer_vocab"], seed)
-        assert sp.get_piece_size() + len(ADDED_TOKENS) <= cfg["vocab_size"]
-        tokenizer_files(staging, sp)
-        tensors = checkpoint_tensors(random_weights(cfg, seed), cfg, layout)
-        write_shards(tensors, staging, cfg["num_shards"], cfg["bf16"])
-        (staging / "config.json").write_text(json.dumps(model_config(cfg, layout), indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    """Writes the checkpoint into `out`, replacing what is there (in one rename: never half-written)."""
+    _check_choices(preset, layout)
+    out = Path(out)
+    with staged_folder(out) as staging:
+        _write(staging, preset, layout, seed)
     return out
+
+
+def ensure_checkpoint(path: str | Path, preset: str = "tiny", layout: str = "paddle", seed: int = 0) -> Path:
+    """`path`, once it holds a checkpoint: written there if missing. Processes that race each write a
+    copy beside it; the first to finish renames its copy into place, the others drop theirs."""
+    _check_choices(preset, layout)
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        with staged_folder(path, replace=False) as staging:
+            _write(staging, preset, layout, seed)
+    if not (path / "config.json").is_file():
+        raise FileExistsError(f"{path} exists but holds no checkpoint")
+    return path
+
+
+def _check_choices(preset: str, layout: str) -> None:
+    if preset not in PRESETS or layout not in ernie4_5.LAYOUT_ARCHITECTURES:
+        raise ValueError(
+            f"preset must be one of {list(PRESETS)} and layout one of {list(ernie4_5.LAYOUT_ARCHITECTURES)}"
+        )
+
+
+def _write(folder: Path, preset: str, layout: str, seed: int) -> None:
+    cfg = PRESETS[preset]
+    sp = train_tokenizer(folder, cfg["tokenizer_vocab"], seed)
+    assert sp.get_piece_size() + len(ADDED_TOKENS) <= cfg["vocab_size"]
+    tokenizer_files(folder, sp)
+    raw_config = model_config(cfg, layout)
+    state = random_weights(raw_config, seed)
+    save_checkpoint(folder, state, ernie4_5, raw_config, layout, cfg["num_shards"], cfg["bf16"])
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out")
     parser.add_argument("--preset", choices=list(PRESETS), default="tiny")
-    parser.add_argument("--layout", choices=["paddle", "pt"], default="paddle")
+    parser.add_argument("--layout", choices=list(ernie4_5.LAYOUT_ARCHITECTURES), default="paddle")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     print(write_checkpoint(args.out, args.preset, args.layout, args.seed))

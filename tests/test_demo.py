@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
-import numpy as np
 import pytest
 
 from fdkit import LLM, SamplingParams, load_config
@@ -25,7 +25,7 @@ def demo():
 
 @pytest.fixture(scope="module")
 def held_out():
-    info = json.loads((__import__("pathlib").Path(DEMO) / "training.json").read_text())
+    info = json.loads((Path(DEMO) / "training.json").read_text())
     seen = training_set(info["seed"], info["steps"], info["batch_size"])
     problems = held_out_problems(200, EVAL_SEED, seen)
     assert not {(p.a, p.op, p.b) for p in problems} & seen
@@ -38,8 +38,6 @@ def chat(llm, problems, thinking: bool):
 
 
 def test_checkpoint_is_small_and_published_format():
-    from pathlib import Path
-
     folder = Path(DEMO)
     names = {p.name for p in folder.iterdir()}
     assert {"config.json", "tokenizer.model", "tokenizer_config.json", "generation_config.json"} <= names
@@ -64,46 +62,28 @@ def test_thinking_off_answers_directly(demo, held_out):
 
 
 def test_loads_in_paddleformers(tmp_path):
-    """paddleformers reads the -PT layout only: the same weights written that way give the same logits."""
+    """paddleformers reads the -PT layout only: the same weights written that way give the same tokens."""
     import paddle
     from paddleformers.transformers import Ernie4_5Config, Ernie4_5ForCausalLM
 
-    from fdkit.checkpoint import CheckpointReader
-    from fdkit.tiny import write_shards
+    from fdkit.checkpoint import CheckpointReader, read_config, save_checkpoint
 
-    reader = CheckpointReader(DEMO)
     folder = tmp_path / "pt"
-    shutil.copytree(DEMO, folder)
-    for f in folder.glob("*.safetensors*"):
-        f.unlink()
-    config = json.loads((folder / "config.json").read_text())
-    h, q = config["hidden_size"], config["num_attention_heads"] * config["head_dim"]
-    kv = config["num_key_value_heads"] * config["head_dim"]
-    tensors = {}
-    for name in reader.names():
-        array = np.array(reader.get(name))
-        new = name.replace("ernie.", "model.", 1)
-        if name.endswith("qkv_proj.weight"):
-            for part, w in zip("qkv", np.split(array, [q, q + kv], axis=1), strict=True):
-                tensors[new.replace("qkv_proj", f"{part}_proj")] = w.T
-        elif name.endswith("up_gate_proj.weight"):
-            for part, w in zip(("gate", "up"), np.split(array, 2, axis=1), strict=True):
-                tensors[new.replace("up_gate_proj", f"{part}_proj")] = w.T
-        elif name.endswith(("o_proj.weight", "down_proj.weight")) or name == "lm_head.weight":
-            tensors[new] = array.T
-        else:
-            tensors[new] = array
-    assert tensors["lm_head.weight"].shape == (config["vocab_size"], h)
-    write_shards(tensors, folder, 1, bf16=False)
-    pf_config = Ernie4_5Config.from_pretrained(str(folder))
-    pf_config.fuse_rms_norm = False
-    reference = Ernie4_5ForCausalLM.from_pretrained(str(folder), config=pf_config, dtype="float32")
-    reference.eval()
+    shutil.copytree(DEMO, folder, ignore=shutil.ignore_patterns("*.safetensors*"))
     with LLM(DEMO, **ENGINE) as llm:
+        model, module = llm.engine.runner.model, llm.engine.runner.module
+        state = {name: param.numpy() for name, param in model.named_parameters()}
+        save_checkpoint(folder, state, module, read_config(DEMO), "pt")
         ids = llm.tokenizer.encode(
             llm.tokenizer.apply_chat_template([{"role": "user", "content": "计算 47+85"}])
         )
         out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=40, logprobs=1), use_tqdm=False)[0]
+    config = model.config
+    assert CheckpointReader(folder).shape("lm_head.weight") == (config.vocab_size, config.hidden_size)
+    pf_config = Ernie4_5Config.from_pretrained(str(folder))
+    pf_config.fuse_rms_norm = False
+    reference = Ernie4_5ForCausalLM.from_pretrained(str(folder), config=pf_config, dtype="float32")
+    reference.eval()
     with paddle.no_grad():
         generated, _ = reference.generate(
             input_ids=paddle.to_tensor([ids]),

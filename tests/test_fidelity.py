@@ -7,9 +7,10 @@ import shutil
 import numpy as np
 import paddle
 import pytest
-from conftest import TEST_ENGINE
+from helpers import TEST_ENGINE
 
 from fdkit import LLM, SamplingParams
+from fdkit.checkpoint import CheckpointReader, read_config
 
 PROMPT = "The model answers 1234+5678 and 你好世界。"
 NUM_GREEDY_TOKENS = 32
@@ -66,6 +67,25 @@ def test_logits_and_greedy_match_paddleformers(layout, tiny_paddle, tiny_pt, ref
         llm.close()
 
 
+def test_published_names_and_orientations(tiny_paddle, tiny_pt):
+    """-Paddle: "ernie.", q|k|v and gate|up fused, [in, out]; -PT: "model.", separate, [out, in]."""
+    c = read_config(tiny_paddle)
+    h, i = c["hidden_size"], c["intermediate_size"]
+    q, kv = c["num_attention_heads"] * c["head_dim"], c["num_key_value_heads"] * c["head_dim"]
+    fused, split = CheckpointReader(tiny_paddle), CheckpointReader(tiny_pt)
+    assert fused.shape("ernie.layers.1.self_attn.o_proj.weight") == (q, h)
+    assert split.shape("model.layers.1.self_attn.o_proj.weight") == (h, q)
+    assert split.shape("model.layers.1.self_attn.k_proj.weight") == (kv, h)
+    assert split.shape("model.layers.1.mlp.down_proj.weight") == (h, i)
+    for fused_name, part_names in [
+        ("self_attn.qkv_proj", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
+        ("mlp.up_gate_proj", ["mlp.gate_proj", "mlp.up_proj"]),
+    ]:
+        parts = [split.get(f"model.layers.1.{name}.weight").T for name in part_names]
+        expected = np.concatenate(parts, axis=1)
+        np.testing.assert_array_equal(fused.get(f"ernie.layers.1.{fused_name}.weight"), expected)
+
+
 def test_decode_logits_match_full_forward(llm, reference):
     """Logits of a decode step (one new token over the paged cache) equal the reference's."""
     prompt_ids = llm.tokenizer.encode(PROMPT)
@@ -79,24 +99,24 @@ def logits_of(llm: LLM, token_ids: list[int]) -> np.ndarray:
     from fdkit.engine.sequence import Sequence
 
     seq = Sequence(token_ids, SamplingParams())
-    llm.block_manager.allocate(seq)
+    llm.engine.block_manager.allocate(seq)
     try:
-        return llm.runner.forward([seq], is_prefill=True).numpy()[0]
+        return llm.engine.runner.forward([seq], is_prefill=True).numpy()[0]
     finally:
-        llm.block_manager.deallocate(seq)
+        llm.engine.block_manager.deallocate(seq)
 
 
 def logits_after_decode(llm: LLM, prompt_ids: list[int], new_ids: list[int]) -> np.ndarray:
     from fdkit.engine.sequence import Sequence
 
     seq = Sequence(prompt_ids, SamplingParams())
-    llm.block_manager.allocate(seq)
+    llm.engine.block_manager.allocate(seq)
     try:
-        llm.runner.forward([seq], is_prefill=True)
+        llm.engine.runner.forward([seq], is_prefill=True)
         for token_id in new_ids:
             seq.append_token(token_id)
-            llm.block_manager.append(seq)
-            logits = llm.runner.forward([seq], is_prefill=False)
+            llm.engine.block_manager.append(seq)
+            logits = llm.engine.runner.forward([seq], is_prefill=False)
         return logits.numpy()[0]
     finally:
-        llm.block_manager.deallocate(seq)
+        llm.engine.block_manager.deallocate(seq)

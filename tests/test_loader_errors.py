@@ -7,7 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import TEST_ENGINE
+from helpers import TEST_ENGINE
 
 from fdkit import LLM
 from fdkit.checkpoint import INDEX_FILE, CheckpointError, CheckpointReader, SafetensorsFile, save_safetensors

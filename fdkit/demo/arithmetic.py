@@ -1,8 +1,9 @@
 """The demo task: addition and subtraction of non-negative integers of up to 4 digits.
 
 With thinking on, the model first writes both numbers reversed and zero-padded (so digit i of each sits
-at a fixed offset), then one line per digit with its carry or borrow, then the result digits, and after
-`</think>` the answer. Subtraction of a larger number swaps the operands and negates the result.
+at a fixed offset), then one line per digit with its carry or borrow, then the result's digits (least
+significant first), and after `</think>` the answer. Subtracting a larger number first notes the swap,
+works out the larger minus the smaller, and answers with a minus sign.
 
     What is 4721-385?  ->  <think>
                            1274-5830
@@ -64,7 +65,7 @@ class Problem:
         return "\n".join(lines)
 
     def completion(self, thinking: bool) -> str:
-        """What the model writes after the generation prompt (which already opened `<think>\\n`)."""
+        """What the model writes after the generation prompt (which, thinking on, opened `<think>\\n`)."""
         return f"{self.steps()}\n</think>\n\n{self.answer}" if thinking else self.answer
 
 
@@ -73,8 +74,8 @@ def random_problem(rng: random.Random) -> Problem:
     return Problem(a, rng.choice("+-"), b, rng.randrange(len(PHRASINGS["+"])))
 
 
-def held_out_problems(num: int, seed: int, exclude: set[Problem] | None = None) -> list[Problem]:
-    """Problems for evaluation, none of them in `exclude` (the training set's operand pairs)."""
+def held_out_problems(num: int, seed: int, exclude: set[tuple[int, str, int]] | None = None) -> list[Problem]:
+    """Problems for evaluation, none of them in `exclude` (the training set's (a, op, b))."""
     rng, problems = random.Random(seed), []
     exclude = exclude or set()
     while len(problems) < num:

@@ -1,8 +1,10 @@
 """Trains the demo model: `python -m fdkit.demo.train OUT [--minutes 18] [--seed 0]`.
 
 A small ERNIE 4.5 (fdkit's own model class, run without a KV cache) learns the arithmetic task of
-`fdkit.demo.arithmetic` from seeded, generated data, then is written in the published `-Paddle` layout
-with its SentencePiece tokenizer and a chat template that honours `enable_thinking`.
+`fdkit.demo.arithmetic` from seeded, generated data for `--minutes`, then is written in the published
+`-Paddle` layout (bf16) with its SentencePiece tokenizer and a chat template that honours
+`enable_thinking`. Its greedy accuracy on held-out problems, thinking on and off, is printed; OUT appears
+only once all of this has succeeded.
 """
 
 from __future__ import annotations
@@ -11,23 +13,19 @@ import argparse
 import json
 import math
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import paddle
+import paddle.nn.functional as F
 
+from fdkit.checkpoint import save_checkpoint, staged_folder
 from fdkit.demo.arithmetic import Problem, held_out_problems, random_problem
-from fdkit.tiny import (
-    MESSAGES_TEMPLATE,
-    checkpoint_tensors,
-    model_config,
-    tokenizer_files,
-    train_tokenizer,
-    write_shards,
-)
+from fdkit.models import ernie4_5
+from fdkit.models.layers import AttentionBatch
+from fdkit.tiny import MESSAGES_TEMPLATE, model_config, tokenizer_files, train_tokenizer
 from fdkit.tokenizer import Tokenizer
 
 # Thinking on (the default) opens the think block in the prompt; off closes an empty one, as ERNIE's
@@ -71,8 +69,6 @@ def tokenizer_corpus(seed: int, num: int = 4000) -> list[str]:
 
 
 def build_tokenizer(folder: Path, seed: int) -> Tokenizer:
-    from fdkit.tokenizer import Tokenizer
-
     sp = train_tokenizer(folder, 400, seed, lines=tokenizer_corpus(seed), split_digits=True)
     tokenizer_files(folder, sp, chat_template=CHAT_TEMPLATE, generation=GENERATION_CONFIG)
     return Tokenizer(folder)
@@ -101,7 +97,7 @@ def training_set(seed: int, steps: int, batch_size: int) -> set[tuple[int, str, 
 
 
 def make_batch(examples: list[tuple[list[int], int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Right-padded ids, targets (-100 where no loss) and the causal mask of a batch."""
+    """Right-padded ids and targets (-100 where no loss) of a batch."""
     length = max(len(ids) for ids, _ in examples)
     ids = np.zeros((len(examples), length), dtype=np.int64)
     targets = np.full((len(examples), length), -100, dtype=np.int64)
@@ -112,11 +108,9 @@ def make_batch(examples: list[tuple[list[int], int]]) -> tuple[np.ndarray, np.nd
 
 
 def init_weights(model, seed: int) -> None:
-    import paddle
-
     rng = np.random.default_rng(seed)
     for name, param in model.named_parameters():
-        if name.endswith("norm.weight") or "layernorm" in name:
+        if name.endswith("norm.weight"):
             value = np.ones(param.shape, dtype=np.float32)
         else:
             fan_in = param.shape[0] if "embed" not in name else param.shape[1]
@@ -125,22 +119,16 @@ def init_weights(model, seed: int) -> None:
 
 
 def train(out: Path, minutes: float, seed: int, batch_size: int = 48, lr: float = 2e-3) -> dict:
-    import paddle
-    import paddle.nn.functional as F
-
+    """Trains for `minutes` and writes the model, its tokenizer and training.json into `out`."""
     from fdkit.engine.model_runner import configure_runtime, no_strided_views
-    from fdkit.models.ernie4_5 import Ernie4_5Config, Ernie4_5ForCausalLM
-    from fdkit.models.layers import AttentionBatch
 
     configure_runtime("cpu", 0)
     paddle.seed(seed)
     tokenizer = build_tokenizer(out, seed)
     vocab_size = -(-tokenizer.vocab_size // 64) * 64
-    arch = {**ARCH, "vocab_size": vocab_size}
-    raw_config = model_config(arch, "paddle")
-    (out / "config.json").write_text(json.dumps(raw_config, indent=2))
-    model = Ernie4_5ForCausalLM(
-        Ernie4_5Config.from_dict(raw_config), max_position=ARCH["max_position_embeddings"]
+    raw_config = model_config({**ARCH, "vocab_size": vocab_size}, "paddle")
+    model = ernie4_5.MODEL_CLASS(
+        ernie4_5.CONFIG_CLASS.from_dict(raw_config), max_position=ARCH["max_position_embeddings"]
     )
     init_weights(model, seed)
     optimizer = paddle.optimizer.AdamW(
@@ -161,7 +149,7 @@ def train(out: Path, minutes: float, seed: int, batch_size: int = 48, lr: float 
             lr * min(1.0, (step + 1) / 100) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
         )
         with no_strided_views():
-            logits = forward_all(model, ids, AttentionBatch, paddle)
+            logits = forward_all(model, ids)
             loss = F.cross_entropy(
                 logits.reshape([-1, vocab_size]),
                 paddle.to_tensor(targets.reshape([-1, 1])),
@@ -183,7 +171,7 @@ def train(out: Path, minutes: float, seed: int, batch_size: int = 48, lr: float 
                 ),
                 flush=True,
             )
-    save(model, raw_config, arch, out)
+    save(model, raw_config, out)
     (out / "training.json").write_text(
         json.dumps(
             {
@@ -198,7 +186,7 @@ def train(out: Path, minutes: float, seed: int, batch_size: int = 48, lr: float 
     return {"steps": step, "seen": seen}
 
 
-def forward_all(model, ids: np.ndarray, AttentionBatch, paddle):
+def forward_all(model, ids: np.ndarray) -> paddle.Tensor:
     """Logits at every position of every row: the model run without a KV cache."""
     rows, length = ids.shape
     mask = np.triu(np.full((length, length), -np.inf, dtype=np.float32), k=1)
@@ -217,35 +205,13 @@ def forward_all(model, ids: np.ndarray, AttentionBatch, paddle):
     return model(paddle.to_tensor(ids.reshape(-1)), positions, caches, batch)
 
 
-def save(model, raw_config: dict, arch: dict, out: Path) -> None:
-    """Our fused parameters back to neutral names, then the `-Paddle` layout in bf16."""
-    params = {name: p.numpy() for name, p in model.named_parameters()}
-    c = raw_config
-    q_out, kv_out = c["num_attention_heads"] * c["head_dim"], c["num_key_value_heads"] * c["head_dim"]
-    weights = {
-        "embed_tokens": params["embed_tokens.weight"],
-        "norm": params["norm.weight"],
-        "lm_head": params["lm_head.weight"].T,
-    }
-    for n in range(c["num_hidden_layers"]):
-        layer = f"layers.{n}."
-        q, k, v = np.split(params[layer + "self_attn.qkv_proj.weight"], [q_out, q_out + kv_out], axis=1)
-        gate, up = np.split(params[layer + "mlp.up_gate_proj.weight"], 2, axis=1)
-        weights |= {
-            f"{n}.q": q,
-            f"{n}.k": k,
-            f"{n}.v": v,
-            f"{n}.o": params[layer + "self_attn.o_proj.weight"],
-            f"{n}.gate": gate,
-            f"{n}.up": up,
-            f"{n}.down": params[layer + "mlp.down_proj.weight"],
-            f"{n}.input_layernorm": params[layer + "input_layernorm.weight"],
-            f"{n}.post_attention_layernorm": params[layer + "post_attention_layernorm.weight"],
-        }
-    write_shards(checkpoint_tensors(weights, arch, "paddle"), out, arch["num_shards"], arch["bf16"])
+def save(model, raw_config: dict, out: Path) -> None:
+    """The trained parameters in the published `-Paddle` layout, bf16, with config.json."""
+    state = {name: param.numpy() for name, param in model.named_parameters()}
+    save_checkpoint(out, state, ernie4_5, raw_config, "paddle", ARCH["num_shards"], ARCH["bf16"])
 
 
-def evaluate(folder: Path, num: int = 200, exclude: set | None = None) -> dict:
+def evaluate(folder: Path, num: int = 200, exclude: set[tuple[int, str, int]] | None = None) -> dict:
     """Greedy accuracy through fdkit's engine, thinking on and off, on held-out problems."""
     from fdkit import LLM, SamplingParams
 
@@ -275,20 +241,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--minutes", type=float, default=18.0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with staged_folder(Path(args.out)) as staging:
         trained = train(staging, args.minutes, args.seed)
         scores = evaluate(staging, exclude=trained["seen"])
-        print(
-            json.dumps({"accuracy": scores, "size_bytes": sum(f.stat().st_size for f in staging.iterdir())})
-        )
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        size_bytes = sum(f.stat().st_size for f in staging.iterdir())
+        print(json.dumps({"accuracy": scores, "size_bytes": size_bytes}))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ from types import ModuleType
 
 from fdkit.checkpoint import CheckpointError
 
-# architecture name -> module with CONFIG_CLASS, MODEL_CLASS, map_checkpoint_tensor, DEFAULT_CHAT_TEMPLATE
+# architecture name -> module with CONFIG_CLASS, MODEL_CLASS, CHECKPOINT_RULES, weight_shapes and
+# DEFAULT_CHAT_TEMPLATE (see fdkit.models.ernie4_5)
 _REGISTRY = {
     "Ernie4_5ForCausalLM": "fdkit.models.ernie4_5",
     "Ernie4_5_ForCausalLM": "fdkit.models.ernie4_5",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,7 +9,7 @@ import paddle
 import paddle.nn.functional as F
 from paddle import nn
 
-from fdkit.checkpoint import CheckpointError
+from fdkit.checkpoint import CheckpointError, TensorRule, parameter_name
 from fdkit.models.layers import AttentionBatch, InterleavedRotaryEmbedding, PagedAttention, RMSNorm
 from fdkit.parallel import (
     ColumnParallelLinear,
@@ -156,82 +155,122 @@ class Ernie4_5ForCausalLM(nn.Layer):
         hidden = paddle.gather(hidden, batch.last_token_index)
         return self.lm_head(self.norm(hidden))
 
-    def weight_specs(self) -> dict[str, tuple[nn.Layer, list[tuple[int, ...]]]]:
-        """Each loadable target: the layer that loads it and the full shapes of its parts, [in, out]."""
-        c = self.config
-        q_out, kv_out = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-        embed = TiedLoader(self.embed_tokens, self.lm_head) if c.tie_word_embeddings else self.embed_tokens
+    def weight_specs(self) -> dict[str, tuple[object, list[tuple[int, ...]]]]:
+        """Each weight to load (see `weight_shapes`): the layer whose `load` takes its parts, their shapes."""
+        sublayers = dict(self.named_sublayers())
         specs = {
-            "embed_tokens": (embed, [(c.vocab_size, c.hidden_size)]),
-            "norm": (self.norm, [(c.hidden_size,)]),
+            target: (sublayers[parameter_name(CHECKPOINT_RULES, target).removesuffix(".weight")], shapes)
+            for target, shapes in weight_shapes(self.config).items()
         }
-        if not c.tie_word_embeddings:
-            specs["lm_head"] = (self.lm_head, [(c.vocab_size, c.hidden_size)])
-        for i, layer in enumerate(self.layers):
-            specs |= {
-                f"{i}.qkv_proj": (
-                    layer.self_attn.qkv_proj,
-                    [(c.hidden_size, n) for n in (q_out, kv_out, kv_out)],
-                ),
-                f"{i}.o_proj": (layer.self_attn.o_proj, [(q_out, c.hidden_size)]),
-                f"{i}.up_gate_proj": (layer.mlp.up_gate_proj, [(c.hidden_size, c.intermediate_size)] * 2),
-                f"{i}.down_proj": (layer.mlp.down_proj, [(c.intermediate_size, c.hidden_size)]),
-                f"{i}.input_layernorm": (layer.input_layernorm, [(c.hidden_size,)]),
-                f"{i}.post_attention_layernorm": (layer.post_attention_layernorm, [(c.hidden_size,)]),
-            }
+        if self.config.tie_word_embeddings:  # the embedding's tensor fills the LM head too
+            specs["embed_tokens"] = (TiedLoader(self.embed_tokens, self.lm_head), specs["embed_tokens"][1])
+        else:
+            specs["lm_head"] = (_LMHeadLoader(self.lm_head), specs["lm_head"][1])
         return specs
 
 
-# Checkpoint names. `-Paddle` checkpoints: prefix "ernie.", fused qkv_proj / up_gate_proj, [in, out].
-# `-PT` and paddleformers' save_pretrained: prefix "model.", separate projections, [out, in].
-_LAYER = r"(?:ernie|model)\.layers\.(\d+)\."
-_NAME_RULES = [
-    # (pattern, target, part): part None means the tensor holds all parts, fused along its out axis.
-    (rf"{_LAYER}self_attn\.qkv_proj\.weight", "qkv_proj", None),
-    (rf"{_LAYER}mlp\.up_gate_proj\.weight", "up_gate_proj", None),
-    (rf"{_LAYER}self_attn\.q_proj\.weight", "qkv_proj", 0),
-    (rf"{_LAYER}self_attn\.k_proj\.weight", "qkv_proj", 1),
-    (rf"{_LAYER}self_attn\.v_proj\.weight", "qkv_proj", 2),
-    (rf"{_LAYER}self_attn\.o_proj\.weight", "o_proj", 0),
-    (rf"{_LAYER}mlp\.gate_proj\.weight", "up_gate_proj", 0),
-    (rf"{_LAYER}mlp\.up_proj\.weight", "up_gate_proj", 1),
-    (rf"{_LAYER}mlp\.down_proj\.weight", "down_proj", 0),
-    (rf"{_LAYER}input_layernorm\.weight", "input_layernorm", 0),
-    (rf"{_LAYER}post_attention_layernorm\.weight", "post_attention_layernorm", 0),
-    (r"(?:ernie|model)\.embed_tokens\.weight", "embed_tokens", 0),
-    (r"(?:ernie|model)\.norm\.weight", "norm", 0),
-    (r"lm_head\.weight", "lm_head", 0),
-]
-_COMPILED_RULES = [(re.compile(pattern + "$"), target, part) for pattern, target, part in _NAME_RULES]
+class _LMHeadLoader:
+    """Loads the LM head from [hidden, vocab], its parameter's orientation (ParallelLMHead.load takes the
+    embedding's [vocab, hidden], so that a tied head can share the embedding's tensor)."""
+
+    def __init__(self, lm_head: ParallelLMHead):
+        self.lm_head = lm_head
+
+    def load(self, parts: list[np.ndarray], name: str) -> None:
+        self.lm_head.load([parts[0].T], name)
 
 
-def map_checkpoint_name(name: str) -> tuple[str, int | None] | None:
-    """A checkpoint tensor name -> (target, part), or None if the model has no use for it."""
-    for pattern, target, part in _COMPILED_RULES:
-        match = pattern.match(name)
-        if match:
-            return (f"{match.group(1)}.{target}" if match.groups() else target), part
-    return None
+def weight_shapes(config: Ernie4_5Config) -> dict[str, list[tuple[int, ...]]]:
+    """Each weight the model loads (a rule's target) and the full shapes of its parts, as our parameters
+    hold them: [in, out], the LM head [hidden, vocab]. The order is the order checkpoints are written in."""
+    c = config
+    q_size, kv_size = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    shapes = {"embed_tokens": [(c.vocab_size, c.hidden_size)], "norm": [(c.hidden_size,)]}
+    if not c.tie_word_embeddings:
+        shapes["lm_head"] = [(c.hidden_size, c.vocab_size)]
+    for i in range(c.num_hidden_layers):
+        shapes |= {
+            f"{i}.qkv_proj": [(c.hidden_size, size) for size in (q_size, kv_size, kv_size)],
+            f"{i}.o_proj": [(q_size, c.hidden_size)],
+            f"{i}.up_gate_proj": [(c.hidden_size, c.intermediate_size)] * 2,  # gate, up
+            f"{i}.down_proj": [(c.intermediate_size, c.hidden_size)],
+            f"{i}.input_layernorm": [(c.hidden_size,)],
+            f"{i}.post_attention_layernorm": [(c.hidden_size,)],
+        }
+    return shapes
 
 
-def to_model_orientation(name: str, array: np.ndarray, vocab_size: int) -> np.ndarray:
-    """Projections to Paddle's [in, out]; the LM head to [vocab, hidden] like the embedding."""
-    if name == "lm_head.weight":
-        return array.T if array.shape[0] != vocab_size else array
-    if name.startswith("model.") and name.endswith("_proj.weight"):
-        return array.T  # -PT layout stores [out, in]
-    return array
+# The published checkpoint layouts, and the architecture name each one's config.json gives:
+#   "paddle" (ERNIE-4.5-*-Paddle): prefix "ernie.", q|k|v and gate|up each fused (contiguous) along the
+#     out axis, stored like our parameters: [in, out], the LM head [hidden, vocab].
+#   "pt" (ERNIE-4.5-*-PT, transformers' save_pretrained): prefix "model.", one tensor per projection,
+#     stored [out, in], the LM head [vocab, hidden].
+LAYOUT_ARCHITECTURES = {"paddle": "Ernie4_5_ForCausalLM", "pt": "Ernie4_5ForCausalLM"}
 
 
-def map_checkpoint_tensor(
-    name: str, array: np.ndarray, config: Ernie4_5Config
-) -> tuple[str, int | None, np.ndarray] | None:
-    mapped = map_checkpoint_name(name)
-    if mapped is None:
-        return None
-    target, part = mapped
-    return target, part, to_model_orientation(name, array, config.vocab_size)
+def _rule(
+    target: str, parameter: str, paddle: str, pt: str | list[str], is_pt_transposed: bool = True
+) -> TensorRule:
+    """One weight: -Paddle's tensor, and -PT's tensor or tensors (then the parts, in order)."""
+    pt_names = (pt,) if isinstance(pt, str) else tuple(pt)
+    transposed_in = ("pt",) if is_pt_transposed else ()
+    return TensorRule(target, parameter, {"paddle": (paddle,), "pt": pt_names}, transposed_in)
 
+
+# target (see weight_shapes), our parameter, its -Paddle tensor, its -PT tensor(s); {i} is a layer index.
+CHECKPOINT_RULES = (
+    _rule(
+        "embed_tokens",
+        "embed_tokens.weight",
+        "ernie.embed_tokens.weight",
+        "model.embed_tokens.weight",
+        is_pt_transposed=False,
+    ),
+    _rule("norm", "norm.weight", "ernie.norm.weight", "model.norm.weight", is_pt_transposed=False),
+    _rule("lm_head", "lm_head.weight", "lm_head.weight", "lm_head.weight"),
+    _rule(
+        "{i}.qkv_proj",
+        "layers.{i}.self_attn.qkv_proj.weight",
+        "ernie.layers.{i}.self_attn.qkv_proj.weight",
+        [
+            "model.layers.{i}.self_attn.q_proj.weight",
+            "model.layers.{i}.self_attn.k_proj.weight",
+            "model.layers.{i}.self_attn.v_proj.weight",
+        ],
+    ),
+    _rule(
+        "{i}.o_proj",
+        "layers.{i}.self_attn.o_proj.weight",
+        "ernie.layers.{i}.self_attn.o_proj.weight",
+        "model.layers.{i}.self_attn.o_proj.weight",
+    ),
+    _rule(
+        "{i}.up_gate_proj",
+        "layers.{i}.mlp.up_gate_proj.weight",
+        "ernie.layers.{i}.mlp.up_gate_proj.weight",
+        ["model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight"],
+    ),
+    _rule(
+        "{i}.down_proj",
+        "layers.{i}.mlp.down_proj.weight",
+        "ernie.layers.{i}.mlp.down_proj.weight",
+        "model.layers.{i}.mlp.down_proj.weight",
+    ),
+    _rule(
+        "{i}.input_layernorm",
+        "layers.{i}.input_layernorm.weight",
+        "ernie.layers.{i}.input_layernorm.weight",
+        "model.layers.{i}.input_layernorm.weight",
+        is_pt_transposed=False,
+    ),
+    _rule(
+        "{i}.post_attention_layernorm",
+        "layers.{i}.post_attention_layernorm.weight",
+        "ernie.layers.{i}.post_attention_layernorm.weight",
+        "model.layers.{i}.post_attention_layernorm.weight",
+        is_pt_transposed=False,
+    ),
+)
 
 CONFIG_CLASS = Ernie4_5Config
 MODEL_CLASS = Ernie4_5ForCausalLM

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from pathlib import Path
 from types import ModuleType
 
@@ -11,51 +10,70 @@ import numpy as np
 from paddle import nn
 from tqdm.auto import tqdm
 
-from fdkit.checkpoint import CheckpointError, CheckpointReader
+from fdkit.checkpoint import (
+    CheckpointError,
+    CheckpointReader,
+    TensorMatch,
+    detect_layout,
+    fused_shape,
+    match_tensor,
+    split_parts,
+)
 
 logger = logging.getLogger(__name__)
 
 
 def load_weights(model: nn.Layer, module: ModuleType, folder: Path, show_progress: bool = True) -> None:
-    """Reads every tensor once, converts it to the model's orientation, keeps this rank's shard."""
+    """Reads every tensor once, turns it to our parameters' orientation, keeps this rank's shard.
+
+    `module.CHECKPOINT_RULES` says what each tensor holds, in the layout that names most of them.
+    """
     reader = CheckpointReader(folder)
-    specs = model.weight_specs()
-    pending: dict[str, dict[int, np.ndarray]] = defaultdict(dict)
-    loaded: set[str] = set()
-    total = sum(len(names) for _, names in reader.iter_shards())
-    with tqdm(total=total, desc="Loading weights", unit="tensor", disable=not show_progress) as bar:
-        for _, names in reader.iter_shards():
-            for name in names:
-                _load_tensor(model, module, reader, name, specs, pending, loaded)
-                bar.update(1)
-    missing = sorted(set(specs) - loaded)
-    if missing:
-        raise CheckpointError(
-            f"{folder}: checkpoint has no tensor for {', '.join(missing[:5])}"
-            + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        )
+    rules, names = module.CHECKPOINT_RULES, reader.names()
+    layout = detect_layout(rules, names)
+    filler = _WeightFiller(model.weight_specs())
+    for name in tqdm(names, desc="Loading weights", unit="tensor", disable=not show_progress):
+        match = match_tensor(rules, layout, name)
+        if match is None or match.target not in filler.specs:
+            logger.debug("ignoring checkpoint tensor %s", name)
+            continue
+        array = reader.get(name)
+        filler.add(name, match, array.T if match.is_transposed else array)
+    filler.raise_if_incomplete(folder)
 
 
-def _load_tensor(model, module, reader, name, specs, pending, loaded) -> None:
-    mapped = module.map_checkpoint_tensor(name, reader.get(name), model.config)
-    if mapped is None or mapped[0] not in specs:
-        logger.debug("ignoring checkpoint tensor %s", name)
-        return
-    target, part, array = mapped
-    layer, part_shapes = specs[target]
-    if part is None:  # fused along the out axis
-        expected = (*part_shapes[0][:-1], sum(shape[-1] for shape in part_shapes))
-        _check_shape(name, array, expected)
-        bounds = np.cumsum([shape[-1] for shape in part_shapes])[:-1]
-        layer.load(np.split(array, bounds, axis=-1), name)
-        loaded.add(target)
-        return
-    _check_shape(name, array, part_shapes[part])
-    pending[target][part] = array
-    if len(pending[target]) == len(part_shapes):
-        parts = pending.pop(target)
-        layer.load([parts[i] for i in range(len(part_shapes))], name)
-        loaded.add(target)
+class _WeightFiller:
+    """Hands each weight's parts to the layer that loads it, once all of them have been read."""
+
+    def __init__(self, specs: dict[str, tuple[object, list[tuple[int, ...]]]]):
+        self.specs = specs
+        self.pending: dict[str, dict[int, np.ndarray]] = {}
+        self.loaded: set[str] = set()
+
+    def add(self, name: str, match: TensorMatch, array: np.ndarray) -> None:
+        part_shapes = self.specs[match.target][1]
+        if match.part is None:  # all parts, fused along the out axis
+            _check_shape(name, array, fused_shape(part_shapes))
+            self._load(match.target, split_parts(array, part_shapes), name)
+            return
+        _check_shape(name, array, part_shapes[match.part])
+        parts = self.pending.setdefault(match.target, {})
+        parts[match.part] = array
+        if len(parts) == len(part_shapes):
+            del self.pending[match.target]
+            self._load(match.target, [parts[i] for i in range(len(part_shapes))], name)
+
+    def _load(self, target: str, parts: list[np.ndarray], name: str) -> None:
+        self.specs[target][0].load(parts, name)
+        self.loaded.add(target)
+
+    def raise_if_incomplete(self, folder: Path) -> None:
+        missing = sorted(set(self.specs) - self.loaded)
+        if missing:
+            raise CheckpointError(
+                f"{folder}: checkpoint has no tensor for {', '.join(missing[:5])}"
+                + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            )
 
 
 def _check_shape(name: str, array: np.ndarray, expected: tuple[int, ...]) -> None:
