@@ -78,18 +78,17 @@ def test_unknown_route_is_404(server):
 
 @pytest.fixture(scope="module")
 def strict_server(tiny_paddle, tmp_path_factory):
-    """API keys (config and FDKIT_API_KEY), strict model names, small limits, a reasoning parser."""
+    """API keys (FDKIT_API_KEY, through the config), strict model names, small limits, a reasoning parser."""
     from server_utils import launch
 
     srv = launch(
         tiny_paddle,
         tmp_path_factory.mktemp("strict") / "server.log",
-        "server.api_keys=[key-a]",
         "server.strict_model_name=true",
         "server.max_request_bytes=2000",
         "server.max_concurrency=1",
         "server.reasoning_parser=ernie-45-vl",
-        env={"FDKIT_API_KEY": "key-b,key-c"},
+        env={"FDKIT_API_KEY": "key-a, key-b,key-c"},
     )
     yield srv
     srv.stop()
@@ -181,7 +180,7 @@ def test_dead_engine_is_503(tiny_paddle):
     """An engine whose loop failed: /health and requests answer 503 (in-process, through ASGI)."""
     import asyncio
 
-    from conftest import TEST_ENGINE
+    from helpers import TEST_ENGINE
 
     from fdkit import LLM, load_config
     from fdkit.engine.async_engine import AsyncLLM

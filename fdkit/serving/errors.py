@@ -1,10 +1,12 @@
-"""OpenAI-shaped errors: {"error": {"message", "type", "param", "code"}} with the right status."""
+"""OpenAI-shaped errors: {"error": {"message", "type", "param", "code"}} with the right status.
+
+`APIError` carries its status and body; the app turns it into an HTTP response.
+"""
 
 from __future__ import annotations
 
 from http import HTTPStatus
 
-from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from fdkit.serving.protocol import ErrorInfo, ErrorResponse
@@ -22,17 +24,18 @@ ERROR_TYPES = {
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(self, status_code: int, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
+        self.status_code, self.message, self.param, self.code = status_code, message, param, code
 
     def body(self) -> dict:
-        error_type = ERROR_TYPES.get(self.status, HTTPStatus(self.status).phrase)
+        error_type = ERROR_TYPES.get(self.status_code, HTTPStatus(self.status_code).phrase)
         info = ErrorInfo(message=self.message, type=error_type, param=self.param, code=self.code)
         return ErrorResponse(error=info).model_dump()
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+
+def engine_unavailable(exc: Exception) -> APIError:
+    return APIError(503, str(exc), code="engine_unavailable")
 
 
 def from_validation_error(exc: ValidationError) -> APIError:

@@ -1,16 +1,20 @@
-"""The OpenAI-compatible FastAPI app: `build_app(engine, cfg)`. Nothing happens at import time."""
+"""The OpenAI-compatible FastAPI app: `build_app(engine, cfg)`. Nothing happens at import time.
+
+The only module that speaks HTTP: handlers return protocol objects or streams of server-sent events, and
+raise `APIError`s; this turns them into responses.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -30,8 +34,7 @@ class ServerState:
         self.serving = OpenAIServing(engine, cfg)
         self.metrics = ServerMetrics(engine)
         engine.metrics = self.metrics
-        env_keys = [k.strip() for k in os.environ.get("FDKIT_API_KEY", "").split(",") if k.strip()]
-        self.api_keys = set(cfg.server.api_keys or []) | set(env_keys)
+        self.api_keys = set(cfg.server.api_keys or [])
         self.num_in_flight = 0
         self.is_shutting_down = False
 
@@ -62,21 +65,22 @@ def build_app(engine: AsyncLLM, cfg) -> FastAPI:
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError):
-        return exc.response()
+        return _error_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException):
         code = "not_found" if exc.status_code == 404 else None
-        return APIError(exc.status_code, str(exc.detail), code=code).response()
+        return _error_response(APIError(exc.status_code, str(exc.detail), code=code))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError):
-        return APIError(400, str(exc.errors()[0].get("msg")), code="invalid_value").response()
+        return _error_response(APIError(400, str(exc.errors()[0].get("msg")), code="invalid_value"))
 
     @app.exception_handler(Exception)
     async def internal_error(_: Request, exc: Exception):
         logger.exception("unhandled error")
-        return APIError(500, f"internal error: {type(exc).__name__}", code="internal_error").response()
+        error = APIError(500, f"internal error: {type(exc).__name__}", code="internal_error")
+        return _error_response(error)
 
 
 def _add_service_routes(app: FastAPI, state: ServerState) -> None:
@@ -84,7 +88,7 @@ def _add_service_routes(app: FastAPI, state: ServerState) -> None:
     async def health():
         if state.engine.is_healthy and not state.is_shutting_down:
             return Response(status_code=200)
-        return APIError(503, "the engine is not serving", code="engine_unavailable").response()
+        return _error_response(APIError(503, "the engine is not serving", code="engine_unavailable"))
 
     @app.get("/version")
     async def version():
@@ -117,25 +121,13 @@ def _add_generation_routes(app: FastAPI, state: ServerState) -> None:
         return await _run(state, state.serving.completion, req)
 
 
-async def _parse(state: ServerState, request: Request, model: type[BaseModel]):
+async def _parse(state: ServerState, request: Request, model: type[P.RequestModel]):
     """Auth, limits, JSON and schema checks, each with its own status and message."""
     _check_auth(state, request)
     if state.is_shutting_down or not state.engine.is_healthy:
-        raise APIError(
-            503, "the server is shutting down or its engine has stopped", code="engine_unavailable"
-        )
-    limit = state.cfg.server.max_request_bytes
-    if int(request.headers.get("content-length") or 0) > limit:
-        raise APIError(413, f"request body exceeds {limit} bytes", code="request_too_large")
-    body = await request.body()
-    if len(body) > limit:
-        raise APIError(413, f"request body exceeds {limit} bytes", code="request_too_large")
-    try:
-        payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from exc
-    if not isinstance(payload, dict):
-        raise APIError(400, "the body must be a JSON object", code="invalid_value")
+        message = "the server is shutting down or its engine has stopped"
+        raise APIError(503, message, code="engine_unavailable")
+    payload = await _read_json(request, state.cfg.server.max_request_bytes)
     try:
         req = model.model_validate(payload)
     except ValidationError as exc:
@@ -144,13 +136,26 @@ async def _parse(state: ServerState, request: Request, model: type[BaseModel]):
         logger.info("ignoring unknown request fields: %s", ", ".join(req.unknown_fields))
     name = state.serving.model_name
     if state.cfg.server.strict_model_name and req.model not in (None, name):
-        raise APIError(
-            404,
-            f"The model `{req.model}` does not exist; this server serves `{name}`",
-            "model",
-            "model_not_found",
-        )
+        message = f"The model `{req.model}` does not exist; this server serves `{name}`"
+        raise APIError(404, message, "model", "model_not_found")
     return req
+
+
+async def _read_json(request: Request, limit: int) -> dict:
+    """The body as a JSON object, at most `limit` bytes (checked before and after reading it)."""
+    too_large = APIError(413, f"request body exceeds {limit} bytes", code="request_too_large")
+    if int(request.headers.get("content-length") or 0) > limit:
+        raise too_large
+    body = await request.body()
+    if len(body) > limit:
+        raise too_large
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from exc
+    if not isinstance(payload, dict):
+        raise APIError(400, "the body must be a JSON object", code="invalid_value")
+    return payload
 
 
 def _check_auth(state: ServerState, request: Request) -> None:
@@ -164,30 +169,31 @@ def _check_auth(state: ServerState, request: Request) -> None:
         )
 
 
-async def _run(state: ServerState, handler, req):
+async def _run(state: ServerState, handler, req) -> Response:
     """Runs a handler within the concurrency limit; a stream holds its slot until it ends."""
-    if state.num_in_flight >= state.cfg.server.max_concurrency:
-        raise APIError(
-            429,
-            f"too many concurrent requests (limit {state.cfg.server.max_concurrency})",
-            code="too_many_requests",
-        )
+    limit = state.cfg.server.max_concurrency
+    if state.num_in_flight >= limit:
+        raise APIError(429, f"too many concurrent requests (limit {limit})", code="too_many_requests")
     state.num_in_flight += 1
     try:
-        response = await handler(req)
+        result = await handler(req)
     except BaseException:
         state.num_in_flight -= 1
         raise
-    if isinstance(response, StreamingResponse):
-        response.body_iterator = _release_after(state, response.body_iterator)
-    else:
+    if isinstance(result, BaseModel):
         state.num_in_flight -= 1
-    return response
+        return JSONResponse(result.model_dump(exclude_none=True))
+    events = _release_after(state, result)
+    return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-async def _release_after(state: ServerState, iterator):
+async def _release_after(state: ServerState, events: AsyncIterator[str]) -> AsyncIterator[str]:
     try:
-        async for item in iterator:
-            yield item
+        async for event in events:
+            yield event
     finally:
         state.num_in_flight -= 1
+
+
+def _error_response(exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status_code)
