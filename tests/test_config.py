@@ -86,7 +86,7 @@ def test_installed_package_serves_from_another_folder(tmp_path):
     """A non-editable install: its conf/ ships inside, `fdkit serve` runs, no output folder is left."""
     target, cwd = tmp_path / "site", tmp_path / "cwd"
     cwd.mkdir()
-    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation"]
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps"]
     subprocess.run([*pip, "--target", str(target), str(ROOT)], check=True, timeout=300)
     env = {"PYTHONPATH": str(target), "FDKIT_CACHE_DIR": str(tmp_path / "cache")}
     check = "import fdkit; print(fdkit.__file__, fdkit.load_config(['model=ernie_tiny']).model.path)"
