@@ -76,10 +76,15 @@ class ServerConfig:
     max_request_bytes: int = 4 * 2**20
     max_stop_strings: int = 16
     max_stop_string_len: int = 256
+    max_prompts_per_request: int = 64  # /v1/completions prompts in one request; more get 400
+    public_paths: list[str] = field(default_factory=list)  # open without an API key (/health always is)
     strict_model_name: bool = False  # True: a request naming another model gets 404
     reasoning_parser: str | None = None
     shutdown_grace_s: float = 30.0  # SIGTERM: how long running requests may finish
     log_level: str = "info"
+    on_engine_death: str = "restart"  # "restart": start a new engine; "exit": stop the server (non-zero)
+    max_engine_restarts: int = 5  # engine start attempts over the server's life; then as "exit"
+    restart_backoff_s: float = 1.0  # wait before a restart attempt; doubles after each failed one
 
 
 @dataclass

@@ -1,55 +1,74 @@
-"""The engine as an async service: one background thread steps the LLM while requests come and go.
+"""The engine as an async service: a background thread steps the LLM while requests come and go.
 
-Requests are tokenized off the event loop, handed to the engine thread through an inbox, and their
-outputs come back to each caller's asyncio queue. A caller that stops listening (a client gone) has its
-request aborted, and its KV blocks freed, at the next step boundary.
+Requests are tokenized off the event loop, handed to the engine thread (`fdkit/engine/supervisor.py`)
+through an inbox, and their outputs come back to each caller's asyncio queue. A caller that stops
+listening (a client gone) has its request aborted, and its KV blocks freed, at the next step boundary.
+Nothing a request carries can stop the engine: a failure ends that request's stream only. If the engine
+itself dies, every stream in flight ends with EngineDeadError and a new engine is started.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import threading
-from collections.abc import AsyncIterator
+import weakref
+from collections.abc import AsyncIterator, Callable
 
 from fdkit.engine.llm import LLM, Prompt
-from fdkit.engine.llm_engine import EngineDeadError, RequestOutput
+from fdkit.engine.llm_engine import EngineDeadError, RequestFailedError, RequestOutput
 from fdkit.engine.sequence import SamplingParams, Sequence
+from fdkit.engine.supervisor import EngineObserver, EngineSupervisor, Listeners, RestartPolicy
 
-logger = logging.getLogger(__name__)
-
-
-class EngineObserver:
-    """Told of each admitted request and each output, on the engine thread (metrics hook in here)."""
-
-    def on_request(self, num_prompt_tokens: int) -> None:
-        pass
-
-    def on_output(self, output: RequestOutput) -> None:
-        pass
-
-    def on_abort(self, request_id: str) -> None:
-        pass
+__all__ = ["AsyncLLM", "EngineDeadError", "EngineObserver", "RequestFailedError"]
 
 
 class AsyncLLM:
-    def __init__(self, llm: LLM, metrics: EngineObserver | None = None):
+    """`on_fatal(reason)` is called (on the engine thread) when the engine died and will not be restarted
+    (`server.on_engine_death="exit"`, or `server.max_engine_restarts` used up)."""
+
+    def __init__(
+        self,
+        llm: LLM,
+        metrics: EngineObserver | None = None,
+        on_fatal: Callable[[str], None] | None = None,
+    ):
         self.llm = llm
+        self._listeners = Listeners()
+        self._request_ids = RequestIds()
+        policy = RestartPolicy.of(llm.config.server)
+        self._supervisor = EngineSupervisor(llm, self._listeners, policy, on_fatal)
         self.metrics = metrics or EngineObserver()
-        self._inbox: list[tuple[str, object]] = []
-        self._inbox_lock = threading.Lock()
-        self._wake = threading.Event()
-        self._listeners: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._stopping = False
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._loop, name="fdkit-engine", daemon=True)
-        self._thread.start()
 
     # -- state --------------------------------------------------------------------------------------
 
     @property
+    def metrics(self) -> EngineObserver:
+        return self._supervisor.observer
+
+    @metrics.setter
+    def metrics(self, observer: EngineObserver) -> None:
+        self._supervisor.observer = observer
+
+    @property
+    def error(self) -> BaseException | None:
+        """Why the engine is not serving (None while it is)."""
+        return self._supervisor.error
+
+    @error.setter
+    def error(self, exc: BaseException | None) -> None:
+        self._supervisor.error = exc
+
+    @property
     def is_healthy(self) -> bool:
-        return self.error is None and not self._stopping and self._thread.is_alive()
+        return self._supervisor.is_serving
+
+    @property
+    def num_restarts(self) -> int:
+        return self._supervisor.num_restarts
+
+    @property
+    def num_in_flight(self) -> int:
+        """Requests whose stream is open."""
+        return len(self._listeners)
 
     @property
     def num_running(self) -> int:
@@ -57,7 +76,7 @@ class AsyncLLM:
 
     @property
     def num_waiting(self) -> int:
-        return self.llm.stats["num_waiting"] + len(self._inbox)
+        return self.llm.stats["num_waiting"] + self._supervisor.num_posted
 
     @property
     def kv_cache_usage(self) -> float:
@@ -66,31 +85,42 @@ class AsyncLLM:
     # -- requests -----------------------------------------------------------------------------------
 
     async def prepare(self, prompt: Prompt, params: SamplingParams, request_id: str) -> Sequence:
-        """Tokenizes and validates off the event loop; raises ValueError for a bad request."""
-        if not self.is_healthy:
-            raise EngineDeadError("the engine is not running")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, self.llm.make_sequence, prompt, params, request_id)
+        """Tokenizes and validates off the event loop, and reserves `request_id` until the request's
+        stream ends; raises ValueError for a bad request or an id in use."""
+        self._check_healthy()
+        pending = _Pending()
+        self._request_ids.take(request_id, pending)
+        try:
+            loop = asyncio.get_running_loop()
+            seq = await loop.run_in_executor(None, self.llm.make_sequence, prompt, params, request_id)
+        finally:
+            self._request_ids.release(request_id, pending)
+        self._request_ids.take(request_id, seq)
+        return seq
 
     async def stream(self, seq: Sequence) -> AsyncIterator[RequestOutput]:
-        """Runs a prepared request and yields its outputs; leaving early aborts it."""
-        if not self.is_healthy:
-            raise EngineDeadError("the engine is not running")
+        """Runs a prepared request and yields its outputs; leaving early aborts it. Raises
+        EngineDeadError (RequestFailedError if only this request failed) with a client-safe message."""
+        self._request_ids.take(seq.request_id, seq)
         queue: asyncio.Queue = asyncio.Queue()
-        self._listeners[seq.request_id] = (asyncio.get_running_loop(), queue)
-        self._post("add", seq)
+        self._listeners.add(seq.request_id, queue)
         finished = False
         try:
+            self._check_healthy()
+            self._supervisor.post("add", seq)
+            if self._supervisor.is_done:
+                raise EngineDeadError("the engine has stopped")
             while not finished:
                 item = await queue.get()
                 if isinstance(item, BaseException):
-                    raise EngineDeadError(f"the engine stopped: {item}") from item
+                    raise item
                 finished = item.finished
                 yield item
         finally:
-            self._listeners.pop(seq.request_id, None)
+            self._listeners.remove(seq.request_id)
             if not finished:
-                self.abort(seq.request_id)
+                self.abort(seq.request_id)  # before the id is free again: the engine sees them in order
+            self._request_ids.release(seq.request_id, seq)
 
     async def generate(
         self, prompt: Prompt, params: SamplingParams, request_id: str
@@ -101,56 +131,50 @@ class AsyncLLM:
             yield output
 
     def abort(self, request_id: str) -> None:
-        self._post("abort", request_id)
+        self._supervisor.post("abort", request_id)
 
-    def _post(self, kind: str, payload: object) -> None:
-        with self._inbox_lock:
-            self._inbox.append((kind, payload))
-        self._wake.set()
+    def fail_all(self, message: str) -> int:
+        """Ends every stream in flight with EngineDeadError(message) and aborts its request (a draining
+        server whose grace period is over); returns how many."""
+        request_ids = self._listeners.ids()
+        self._listeners.fail(request_ids, lambda: EngineDeadError(message))
+        for request_id in request_ids:
+            self.abort(request_id)
+        return len(request_ids)
 
-    # -- the engine thread --------------------------------------------------------------------------
-
-    def _loop(self) -> None:
-        try:
-            while not self._stopping:
-                self._drain_inbox()
-                if not self.llm.has_unfinished_requests():
-                    self._wake.wait(timeout=0.5)
-                    self._wake.clear()
-                    continue
-                for output in self.llm.step():
-                    self.metrics.on_output(output)
-                    self._deliver(output.request_id, output)
-        except BaseException as exc:  # every failure must reach the waiting callers
-            logger.exception("engine loop failed")
-            self.error = exc
-            for request_id in list(self._listeners):
-                self._deliver(request_id, exc)
-
-    def _drain_inbox(self) -> None:
-        with self._inbox_lock:
-            items, self._inbox = self._inbox, []
-        for kind, payload in items:
-            if kind == "add":
-                seq: Sequence = payload  # type: ignore[assignment]
-                self.metrics.on_request(seq.num_prompt_tokens)
-                self.llm.add_sequence(seq)
-            elif self.llm.abort(payload):  # type: ignore[arg-type]
-                self.metrics.on_abort(payload)  # type: ignore[arg-type]
-
-    def _deliver(self, request_id: str, item: object) -> None:
-        listener = self._listeners.get(request_id)
-        if listener is not None:
-            loop, queue = listener
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+    def _check_healthy(self) -> None:
+        if not self.is_healthy:
+            raise EngineDeadError("the engine is not running")
 
     # -- shutdown -----------------------------------------------------------------------------------
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stops the loop (in-flight requests end with an error) and closes the engine."""
-        self._stopping = True
-        self._wake.set()
-        self._thread.join(timeout)
-        for request_id in list(self._listeners):
-            self._deliver(request_id, EngineDeadError("the engine is shutting down"))
+        self._supervisor.stop(timeout)
+        self._listeners.fail(self._listeners.ids(), lambda: EngineDeadError("the engine is shutting down"))
         self.llm.close()
+
+
+class _Pending:
+    """Holds a request id while its request is being tokenized."""
+
+
+class RequestIds:
+    """Request ids in use: taken by prepare() or stream(), given back when the stream ends. A sequence
+    prepared but never streamed gives its id back once it is garbage."""
+
+    def __init__(self):
+        self._owners: dict[str, weakref.ref] = {}
+
+    def take(self, request_id: str, owner: object) -> None:
+        current = self._owners.get(request_id)
+        holder = current() if current is not None else None
+        if holder is not None and holder is not owner:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self._owners[request_id] = weakref.ref(owner)
+
+    def release(self, request_id: str, owner: object) -> None:
+        current = self._owners.get(request_id)
+        holder = current() if current is not None else None
+        if current is not None and (holder is None or holder is owner):
+            del self._owners[request_id]

@@ -4,6 +4,7 @@ one API either way."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 from collections.abc import Sequence as Seq
@@ -27,9 +28,12 @@ logger = logging.getLogger(__name__)
 Prompt = str | list[int]
 
 
-def build_engine(config: FdkitConfig, model_path: Path, tokenizer: Tokenizer) -> LLMEngine | RankEngine:
-    """The engine core the config asks for; both kinds have the same API."""
-    if config.tp > 1:
+def build_engine(
+    config: FdkitConfig, model_path: Path, tokenizer: Tokenizer, in_process: bool = True
+) -> LLMEngine | RankEngine:
+    """The engine core the config asks for; both kinds have the same API. tp > 1, or `in_process=False`,
+    runs it in rank processes (a server's event loop then never waits on a forward pass for the GIL)."""
+    if config.tp > 1 or not in_process:
         return RankEngine(config, model_path)
     return LLMEngine(config, model_path, tokenizer)
 
@@ -42,12 +46,14 @@ class LLM:
         model_path: str | Path | None = None,
         *,
         config: FdkitConfig | DictConfig | None = None,
+        in_process: bool = True,
         **engine_overrides,
     ):
         self.config = to_config(config) if config is not None else _compose(model_path, engine_overrides)
         self.model_path = checkpoint_folder(self.config.model.path)
         self.tokenizer = load_tokenizer(self.model_path)
-        self.engine = build_engine(self.config, self.model_path, self.tokenizer)
+        self.in_process = in_process
+        self.engine = build_engine(self.config, self.model_path, self.tokenizer, in_process)
         self.max_model_len, self.vocab_size = self.engine.max_model_len, self.engine.vocab_size
         self._request_counter = itertools.count()
         self._closed = False
@@ -109,6 +115,18 @@ class LLM:
     def step(self) -> list[RequestOutput]:
         """One engine step: the text so far of every request it advanced."""
         return self.engine.step()
+
+    def check_health(self) -> None:
+        """Raises EngineDeadError if the engine's processes have died."""
+        self.engine.check_health()
+
+    def restart_engine(self) -> None:
+        """Replaces the engine core by a new one (its requests are dropped)."""
+        with contextlib.suppress(Exception):
+            self.engine.close()
+        self.engine = build_engine(self.config, self.model_path, self.tokenizer, self.in_process)
+        if self._closed:  # closed meanwhile (from another thread)
+            self.engine.close()
 
     # -- convenience --------------------------------------------------------------------------------
 

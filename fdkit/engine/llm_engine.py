@@ -26,6 +26,15 @@ class EngineDeadError(RuntimeError):
     """The engine stopped (a failure, a dead rank, or shut down): no request can be served."""
 
 
+class RequestFailedError(EngineDeadError):
+    """Some requests failed in the engine, which serves on. A subclass of EngineDeadError so that
+    whoever ends a stream on the engine's death ends these too; the message is safe to show clients."""
+
+    def __init__(self, request_ids: list[str], message: str = "the engine failed to process the request"):
+        super().__init__(message)
+        self.request_ids = request_ids
+
+
 @dataclass
 class RequestOutput:
     request_id: str
@@ -104,6 +113,9 @@ class LLMEngine:
             "kv_cache_usage": self.block_manager.usage,
         }
 
+    def check_health(self) -> None:
+        """Nothing to watch in this process (a `RankEngine` raises EngineDeadError here)."""
+
     def close(self) -> None:
         for request_id in list(self.requests):
             self.abort(request_id)
@@ -112,10 +124,23 @@ class LLMEngine:
     # -- the loop ---------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """Outputs of the requests the step advanced. If it fails, those requests are aborted and
+        RequestFailedError names them; the engine serves on."""
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
             return []
-        logits = self.runner.forward(seqs, is_prefill)
+        try:
+            logits = self.runner.forward(seqs, is_prefill)
+        except Exception as exc:
+            if self.runner.peers:  # the other ranks may be left inside a collective: not recoverable
+                raise
+            raise self._fail_batch(seqs, exc) from exc
+        try:
+            return self._sample(seqs, logits)
+        except Exception as exc:
+            raise self._fail_batch(seqs, exc) from exc
+
+    def _sample(self, seqs: list[Sequence], logits) -> list[RequestOutput]:
         sampled = self.sampler(logits, seqs)
         token_ids = [self._end_reasoning_if_due(seq, t) for seq, t in zip(seqs, sampled, strict=True)]
         if any(seq.params.logprobs is not None for seq in seqs):
@@ -123,6 +148,13 @@ class LLMEngine:
                 if logprobs is not None:
                     seq.logprobs.append(logprobs)
         return [self._postprocess(seq, token_id) for seq, token_id in zip(seqs, token_ids, strict=True)]
+
+    def _fail_batch(self, seqs: list[Sequence], exc: Exception) -> RequestFailedError:
+        request_ids = [seq.request_id for seq in seqs]
+        logger.error("a step failed; failing requests %s", request_ids, exc_info=exc)
+        for request_id in request_ids:
+            self.abort(request_id)
+        return RequestFailedError(request_ids)
 
     def _end_reasoning_if_due(self, seq: Sequence, token_id: int) -> int:
         """Past reasoning_max_tokens the engine writes the end-of-reasoning tokens itself."""

@@ -1,9 +1,11 @@
-"""The engine over rank processes (tp > 1): the same API as `LLMEngine`, served by N processes.
+"""The engine over rank processes: the same API as `LLMEngine`, served by `config.tp` processes (one for
+a server's tp=1 engine, so that a forward pass never holds the server's GIL).
 
 Rank 0 holds the engine core (scheduler, KV bookkeeping, sampler, detokenizer) and its shard of the
 model; ranks 1..N-1 hold only their shards (`fdkit/engine/rank_worker.py`). The driver (the caller's
 process) talks to rank 0 only, one request and one reply per call, and watches every rank: if one dies,
-the others are killed and the engine reports itself dead, so nothing hangs on a collective.
+the others are killed and the engine reports itself dead, so nothing hangs on a collective. A request
+that fails on rank 0 (a step that raised) comes back as RequestFailedError; the engine serves on.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from multiprocessing.connection import Connection, Listener, wait
 from pathlib import Path
 
 from fdkit.config import FdkitConfig, to_dict
-from fdkit.engine.llm_engine import EngineDeadError, RequestOutput
+from fdkit.engine.llm_engine import EngineDeadError, RequestFailedError, RequestOutput
 from fdkit.engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
@@ -37,11 +39,17 @@ class RankEngine:
         self._stats = {"num_running": 0, "num_waiting": 0, "kv_cache_usage": 0.0}
         self.error: str | None = None
         self._closed = False
+        self._is_stopped = False
         self.processes, self._conn = start_ranks(config, model_path)
-        info = self._call(("hello",), timeout=config.engine.rank_start_timeout_s)
+        try:
+            info = self._call(("hello",), timeout=config.engine.rank_start_timeout_s)
+        except BaseException:
+            self._stop_ranks(grace_s=0)
+            raise
         self.max_model_len, self.vocab_size = info["max_model_len"], info["vocab_size"]
         self.rank_info = info["ranks"]
-        logger.info("tensor-parallel engine ready: %d ranks, pids %s", config.tp, self.rank_pids)
+        kind = "tensor-parallel" if config.tp > 1 else "out-of-process"
+        logger.info("%s engine ready: %d ranks, pids %s", kind, config.tp, self.rank_pids)
 
     @property
     def rank_pids(self) -> list[int]:
@@ -67,11 +75,24 @@ class RankEngine:
         return dict(self._stats)
 
     def step(self) -> list[RequestOutput]:
-        outputs, self._stats = self._call(("step",))
+        try:
+            outputs = self._call(("step",))
+        except RequestFailedError as exc:  # rank 0 has aborted them
+            for request_id in exc.request_ids:
+                self.requests.pop(request_id, None)
+            raise
         for output in outputs:
             if output.finished:
                 self.requests.pop(output.request_id, None)
         return outputs
+
+    def check_health(self) -> None:
+        """Raises EngineDeadError if a rank has died (cheap: a poll of each process)."""
+        if self.error is not None:
+            raise EngineDeadError(self.error)
+        dead = [p.pid for p in self.processes if not p.is_alive()]
+        if dead:
+            self._fail(f"rank process(es) {dead} stopped")
 
     def close(self) -> None:
         if self._closed:
@@ -80,7 +101,12 @@ class RankEngine:
         with contextlib.suppress(Exception):
             if self.error is None:
                 self._conn.send(("close",))
-        stop_ranks(self.processes)
+        self._stop_ranks()
+
+    def _stop_ranks(self, grace_s: float = 5.0) -> None:
+        if not self._is_stopped:  # once: a reaped rank's pid may belong to another process later
+            self._is_stopped = True
+            stop_ranks(self.processes, grace_s)
 
     def _call(self, message: tuple, timeout: float | None = None):
         """Sends one message to rank 0 and waits for its reply, watching every rank while it waits."""
@@ -95,16 +121,20 @@ class RankEngine:
                     self._fail(f"rank process(es) {dead} stopped")
                 if deadline is not None and time.time() > deadline:
                     self._fail(f"rank 0 did not answer {message[0]!r} within {timeout} s")
-            status, payload = self._conn.recv()
+            status, payload, *stats = self._conn.recv()  # rank 0's replies carry its stats
         except (EOFError, OSError) as exc:
             self._fail(f"lost rank 0: {exc}")
         if status == "error":
             self._fail(payload)
+        self._stats = stats[0]
+        if status == "failed":  # some requests failed on rank 0, which serves on
+            raise RequestFailedError(*payload)
         return payload
 
     def _fail(self, reason: str):
         self.error = reason
-        stop_ranks(self.processes)
+        logger.error("the engine's ranks stopped: %s", reason)
+        self._stop_ranks(grace_s=0)  # the others may hang in a collective: no point waiting
         raise EngineDeadError(reason)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import logging
 import os
 import signal
 import sys
@@ -19,12 +20,16 @@ from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
 
 from fdkit.config import FdkitConfig, to_config
-from fdkit.engine.llm_engine import LLMEngine, load_tokenizer
+from fdkit.engine.llm_engine import LLMEngine, RequestFailedError, load_tokenizer
+
+logger = logging.getLogger(__name__)
 
 
 def rank_main(args: dict) -> None:
     _die_with_parent()
     rank, world_size = args["rank"], args["world_size"]
+    log_format = f"%(asctime)s %(levelname)s rank {rank} %(name)s: %(message)s"
+    logging.basicConfig(level=logging.WARNING, format=log_format)
     authkey = bytes.fromhex(args["authkey"])
     conn = _connect(tuple(args["driver"]) if rank == 0 else tuple(args["rank0_listen"]), authkey)
     try:
@@ -32,10 +37,11 @@ def rank_main(args: dict) -> None:
         device = config.engine.device
         if device.startswith("gpu"):
             config.engine.device = f"gpu:{rank}"
-        peers = _accept_peers(args, authkey) if rank == 0 else []
+        peers = _accept_peers(args, authkey) if rank == 0 and world_size > 1 else []
         if rank > 0:
             conn.send(rank)
-        _init_process_group(rank, world_size, device, args["endpoints"])
+        if world_size > 1:
+            _init_process_group(rank, world_size, device, args["endpoints"])
         model_path = Path(args["model_path"])
         if rank == 0:
             _serve_rank0(config, model_path, conn, peers)
@@ -127,7 +133,7 @@ def _serve_rank0(config: FdkitConfig, model_path: Path, conn: Connection, peers:
         },
         "add": engine.add_sequence,
         "abort": engine.abort,
-        "step": lambda: (engine.step(), engine.stats),
+        "step": engine.step,
     }
     while True:
         message = conn.recv()
@@ -135,7 +141,23 @@ def _serve_rank0(config: FdkitConfig, model_path: Path, conn: Connection, peers:
             for peer in peers:
                 peer.send(("close",))
             return
-        conn.send(("ok", handlers[message[0]](*message[1:])))
+        conn.send((*_reply(handlers, message), engine.stats))
+
+
+def _reply(handlers: dict, message: tuple) -> tuple[str, object]:
+    """("ok", result), or ("failed", (request ids, reason)) when only some requests failed: rank 0
+    serves on. Anything else raises, and the rank dies (the driver sees it)."""
+    kind, *args = message
+    try:
+        return "ok", handlers[kind](*args)
+    except RequestFailedError as exc:
+        return "failed", (exc.request_ids, str(exc))
+    except Exception:
+        if kind not in ("add", "abort"):
+            raise
+        request_id = args[0].request_id if kind == "add" else args[0]
+        logger.exception("request %s: %r failed", request_id, kind)
+        return "failed", ([request_id], f"the engine could not {kind} the request")
 
 
 if __name__ == "__main__":
