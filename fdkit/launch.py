@@ -1,12 +1,22 @@
 """`run(cfg)`: build the engine from a composed config and serve it. `launch.py` and `fdkit serve`
-are its Hydra fronts."""
+are its Hydra fronts.
+
+SIGTERM (or Ctrl-C) drains: the server stops admitting (503s, /health 503, the port stays open so they
+are answered), lets running requests finish within `server.shutdown_grace_s`, ends the rest with an
+error event, then stops and exits 0. A second signal stops at once. An engine that died for good
+(`server.on_engine_death: exit`, or its restarts used up) stops the server with exit status 1.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import signal
+import threading
 from typing import TYPE_CHECKING
 
+import uvicorn
 from omegaconf import DictConfig, OmegaConf
 
 from fdkit.config import FdkitConfig, to_config
@@ -17,58 +27,105 @@ if TYPE_CHECKING:
     from fdkit.engine.async_engine import AsyncLLM
 
 logger = logging.getLogger("fdkit")
+FLUSH_S = 5.0  # after the drain: how long uvicorn waits for connections to close
 
 
-def build_engine(cfg: FdkitConfig) -> AsyncLLM:
+def build_engine(cfg: FdkitConfig, on_fatal=None) -> AsyncLLM:
+    """The engine in its own process (a crash there cannot take the server down), supervised."""
     from fdkit.engine.async_engine import AsyncLLM
     from fdkit.engine.llm import LLM
 
-    return AsyncLLM(LLM(config=cfg))
+    return AsyncLLM(LLM(config=cfg, in_process=False), on_fatal=on_fatal)
 
 
 def run(cfg: DictConfig | FdkitConfig) -> None:
-    import uvicorn
-
-    from fdkit.serving.openai_app import build_app
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = to_config(cfg)
     logger.info("resolved config:\n%s", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    engine = build_engine(cfg)
+    engine_died = threading.Event()
+
+    def on_fatal(reason: str) -> None:
+        logger.error("the engine died and will not be restarted: %s", reason)
+        engine_died.set()
+
+    engine = build_engine(cfg, on_fatal)
     try:
-        app = build_app(engine, cfg)
-        server = cfg.server
-        host = "127.0.0.1" if server.host in ("0.0.0.0", "::") else server.host
-        url = f"http://{host}:{server.port}"
-        if cfg.playground.enabled:
-            app = add_playground(app, cfg, url)
-        logger.info(
-            "serving %s at %s/v1 (OpenAI API), health at %s/health",
-            app.state.fdkit.serving.model_name,
-            url,
-            url,
-        )
-        logger.info(
-            "try: curl %s/v1/chat/completions -H 'Content-Type: application/json' "
-            '-d \'{"messages": [{"role": "user", "content": "What is 4721-385?"}]}\'',
-            url,
-        )
-        # uvicorn drains requests on SIGTERM, then re-raises it: exit cleanly, through `finally`, instead.
-        signal.signal(signal.SIGTERM, _exit_cleanly)
-        uvicorn.run(
-            app,
-            host=server.host,
-            port=server.port,
-            log_level=server.log_level,
-            timeout_graceful_shutdown=server.shutdown_grace_s,
-        )
+        server = _make_server(engine, cfg, engine_died)
+        server.run()
     finally:
         engine.shutdown()
         logger.info("engine stopped")
+    if server.exit_code:
+        raise SystemExit(server.exit_code)
 
 
-def _exit_cleanly(signum, frame) -> None:
-    raise SystemExit(0)
+def _make_server(engine: AsyncLLM, cfg: FdkitConfig, engine_died: threading.Event) -> DrainingServer:
+    from fdkit.serving.openai_app import build_app
+
+    app = build_app(engine, cfg)
+    state = app.state.fdkit
+    server = cfg.server
+    host = "127.0.0.1" if server.host in ("0.0.0.0", "::") else server.host
+    url = f"http://{host}:{server.port}"
+    if cfg.playground.enabled:
+        app = add_playground(app, cfg, url)
+    logger.info("serving %s at %s/v1 (OpenAI API), health at %s/health", state.serving.model_name, url, url)
+    logger.info(
+        "try: curl %s/v1/chat/completions -H 'Content-Type: application/json' "
+        '-d \'{"messages": [{"role": "user", "content": "What is 4721-385?"}]}\'',
+        url,
+    )
+    config = uvicorn.Config(
+        app,
+        host=server.host,
+        port=server.port,
+        log_level=server.log_level,
+        timeout_graceful_shutdown=FLUSH_S,
+    )
+    return DrainingServer(config, state, server.shutdown_grace_s, engine_died)
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server with fdkit's signal handling: drain first, then stop."""
+
+    def __init__(self, config, state, grace_s: float, engine_died: threading.Event):
+        super().__init__(config)
+        self.state, self.grace_s, self.engine_died = state, grace_s, engine_died
+        self.exit_code = 0
+        self.drain_requested = False
+        self._drain_task: asyncio.Task | None = None
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        signals = (signal.SIGINT, signal.SIGTERM)
+        originals = {sig: signal.signal(sig, self._on_signal) for sig in signals}
+        try:
+            yield
+        finally:
+            for sig, handler in originals.items():
+                signal.signal(sig, handler)
+
+    def _on_signal(self, sig: int, frame) -> None:
+        if self.drain_requested:
+            logger.warning("second %s: stopping now", signal.Signals(sig).name)
+            self.should_exit = self.force_exit = True
+        else:
+            logger.info("%s: draining, then stopping", signal.Signals(sig).name)
+            self.drain_requested = True
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.drain_requested and self._drain_task is None:
+            self._drain_task = asyncio.create_task(self._drain())
+        if self.engine_died.is_set() and not self.exit_code:
+            self.exit_code, self.should_exit = 1, True
+        return await super().on_tick(counter)
+
+    async def _drain(self) -> None:
+        await self.state.drain(self.grace_s)
+        self.should_exit = True
 
 
 def add_playground(app: FastAPI, cfg: FdkitConfig, url: str) -> FastAPI:

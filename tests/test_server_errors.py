@@ -72,7 +72,9 @@ def test_context_length_exceeded(server):
 
 def test_unknown_route_is_404(server):
     assert_error(httpx.get(server.base_url + "/v1/nothing"), 404, code="not_found")
-    assert_error(httpx.get(server.base_url + "/v1/chat/completions"), 405)
+    response = httpx.get(server.base_url + "/v1/chat/completions")
+    assert_error(response, 405)
+    assert response.headers["allow"] == "POST"
     assert_still_serves(server.base_url)
 
 
@@ -88,6 +90,7 @@ def strict_server(tiny_paddle, tmp_path_factory):
         "server.max_request_bytes=2000",
         "server.max_concurrency=1",
         "server.reasoning_parser=ernie-45-vl",
+        "server.public_paths=[/version]",
         env={"FDKIT_API_KEY": "key-a, key-b,key-c"},
     )
     yield srv
@@ -97,14 +100,30 @@ def strict_server(tiny_paddle, tmp_path_factory):
 AUTH = {"Authorization": "Bearer key-a"}
 
 
+PROTECTED = ["/metrics", "/docs", "/redoc", "/openapi.json", "/v1/models", "/docs/oauth2-redirect"]
+
+
 def test_api_keys(strict_server):
     url = strict_server.base_url + "/v1/chat/completions"
     assert_error(httpx.post(url, json=GOOD_CHAT), 401, code="invalid_api_key")
     assert_error(httpx.post(url, json=GOOD_CHAT, headers={"Authorization": "Bearer wrong"}), 401)
-    assert_error(httpx.get(strict_server.base_url + "/v1/models"), 401)
     for key in ("key-a", "key-b", "key-c"):
         assert_still_serves(strict_server.base_url, {"Authorization": f"Bearer {key}"})
-    assert httpx.get(strict_server.base_url + "/health").status_code == 200  # no key needed
+
+
+@pytest.mark.parametrize("path", PROTECTED + ["/v1/completions", "/v1/nothing"])
+def test_api_keys_cover_every_route(strict_server, path):
+    """Docs, schema, metrics and models too; unknown paths get 401, not a map of what exists."""
+    response = httpx.get(strict_server.base_url + path)
+    assert_error(response, 401, code="invalid_api_key")
+    assert response.headers["www-authenticate"] == "Bearer"
+    if path in PROTECTED:
+        assert httpx.get(strict_server.base_url + path, headers=AUTH).status_code == 200
+
+
+def test_health_and_public_paths_need_no_key(strict_server):
+    assert httpx.get(strict_server.base_url + "/health").status_code == 200  # probes
+    assert httpx.get(strict_server.base_url + "/version").json()["version"]  # server.public_paths
 
 
 def test_strict_model_name_is_404(strict_server):

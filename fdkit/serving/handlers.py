@@ -4,17 +4,17 @@ async iterator of server-sent events when the request streams."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 
 from jinja2.exceptions import TemplateError
 
 from fdkit.engine.async_engine import AsyncLLM, EngineDeadError
 from fdkit.engine.sequence import SamplingParams, Sequence
 from fdkit.serving import protocol as P
-from fdkit.serving.errors import APIError, engine_unavailable, from_engine_error
+from fdkit.serving.errors import APIError, client_message, engine_unavailable, from_engine_error
 from fdkit.serving.reasoning import ReasoningParser, get_parser
 from fdkit.serving.shapes import ChatShape, CompletionShape, Shape
-from fdkit.serving.streams import collect, event_stream
+from fdkit.serving.streams import EventStream, collect, event_stream
 
 GENERATION_CONFIG_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty")
 # What a request may leave out, with OpenAI's defaults (used when neither server nor model sets one).
@@ -29,9 +29,26 @@ OPENAI_DEFAULTS = {
 }
 
 
+class RequestIds:
+    """Ids in use: a response's, and its engine requests' (a client's `request_id` must not clash)."""
+
+    def __init__(self):
+        self.in_use: set[tuple[str, str]] = set()
+
+    def reserve(self, request_id: str, seq_ids: list[str]) -> Callable[[], None]:
+        """Takes the ids (400 if any is in use) and returns what gives them back."""
+        keys = {("response", request_id), *(("engine", s) for s in seq_ids)}
+        if keys & self.in_use:
+            message = f"request_id {request_id!r} is already in use by a running request"
+            raise APIError(400, message, "request_id", "duplicate_request_id")
+        self.in_use |= keys
+        return lambda: self.in_use.difference_update(keys)
+
+
 class OpenAIServing:
     def __init__(self, engine: AsyncLLM, cfg):
         self.engine, self.cfg = engine, cfg
+        self.ids = RequestIds()
         self.tokenizer = engine.llm.tokenizer
         self.model_name = cfg.server.served_model_name or cfg.model.name
         self.parser: ReasoningParser | None = get_parser(cfg.server.reasoning_parser)
@@ -83,58 +100,70 @@ class OpenAIServing:
         try:
             return [SamplingParams(**fields, seed=None if seed is None else seed + i) for i in range(req.n)]
         except ValueError as exc:
-            raise APIError(400, str(exc), code="invalid_value") from exc
+            raise from_engine_error(exc) from exc
 
     async def prepare(self, prompt, params: list[SamplingParams], request_id: str) -> list[Sequence]:
+        """Tokenized and validated sequences: nothing reaches the engine before all are ready."""
         try:
             return [await self.engine.prepare(prompt, p, f"{request_id}-{i}") for i, p in enumerate(params)]
         except ValueError as exc:
             raise from_engine_error(exc) from exc
         except EngineDeadError as exc:
-            raise engine_unavailable(exc) from exc
+            raise engine_unavailable(request_id) from exc
 
     # -- endpoints ------------------------------------------------------------------------------
 
-    async def chat(self, req: P.ChatCompletionRequest) -> P.ChatCompletionResponse | AsyncIterator[str]:
+    async def chat(self, req: P.ChatCompletionRequest) -> P.ChatCompletionResponse | EventStream:
         prompt, thinking = self.chat_prompt(req)
         params = self.sampling_params(req, **self._chat_limits(req, thinking))
         request_id = req.request_id or P.random_id("chatcmpl")
-        seqs = await self.prepare(prompt, params, request_id)
-        parser = self.parser if thinking else None
-        shape = ChatShape(self.tokenizer, self.model_name, request_id, req, parser, self.reasoning_end_ids)
-        return await self._generate(req, shape, [seqs])
+        release = self.ids.reserve(request_id, [f"{request_id}-{i}" for i in range(req.n)])
+        try:
+            seqs = await self.prepare(prompt, params, request_id)
+            parser = self.parser if thinking else None
+            shape = ChatShape(
+                self.tokenizer, self.model_name, request_id, req, parser, self.reasoning_end_ids
+            )
+            return await self._generate(req, shape, [seqs], release)
+        except BaseException:
+            release()
+            raise
 
     def chat_prompt(self, req: P.ChatCompletionRequest) -> tuple[str, bool]:
         """The rendered prompt, and whether the model thinks first."""
-        kwargs = dict(req.chat_template_kwargs or {})
-        thinking = bool(kwargs.get("enable_thinking", (req.metadata or {}).get("enable_thinking", True)))
-        kwargs["enable_thinking"] = thinking
+        kwargs = req.chat_template_kwargs.model_dump(exclude_none=True) if req.chat_template_kwargs else {}
+        metadata = req.metadata or P.ChatMetadata()
+        thinking = kwargs.get("enable_thinking", metadata.enable_thinking)
+        kwargs["enable_thinking"] = thinking = thinking is not False
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         try:
             return self.tokenizer.apply_chat_template(
                 messages, add_generation_prompt=True, **kwargs
             ), thinking
         except (TemplateError, ValueError, TypeError) as exc:
-            message = f"messages could not be rendered with the chat template: {exc}"
+            message = f"messages could not be rendered with the chat template: {client_message(str(exc))}"
             raise APIError(400, message, "messages") from exc
 
     def _chat_limits(self, req: P.ChatCompletionRequest, thinking: bool) -> dict:
         """Chat's token limits; `metadata` may carry some of them (FastDeploy's convention)."""
-        metadata = req.metadata or {}
+        metadata = req.metadata or P.ChatMetadata()
         budget = (
             req.reasoning_max_tokens
-            or metadata.get("reasoning_max_tokens")
+            or metadata.reasoning_max_tokens
             or self.cfg.sampling.reasoning_max_tokens
         )
         return dict(
             max_tokens=req.max_completion_tokens or req.max_tokens,
-            min_tokens=req.min_tokens if req.min_tokens is not None else metadata.get("min_tokens"),
+            min_tokens=req.min_tokens if req.min_tokens is not None else metadata.min_tokens,
             logprobs=(req.top_logprobs or 0) if req.logprobs else None,
             reasoning_max_tokens=budget if thinking else None,
         )
 
-    async def completion(self, req: P.CompletionRequest) -> P.CompletionResponse | AsyncIterator[str]:
+    async def completion(self, req: P.CompletionRequest) -> P.CompletionResponse | EventStream:
         prompts = completion_prompts(req.prompt)
+        limit = self.cfg.server.max_prompts_per_request
+        if len(prompts) > limit:
+            raise APIError(400, f"at most {limit} prompts per request are allowed", "prompt")
         if req.stream and len(prompts) > 1:
             raise APIError(400, "streaming supports a single prompt", "prompt")
         request_id = req.request_id or P.random_id("cmpl")
@@ -145,18 +174,34 @@ class OpenAIServing:
             logprobs=req.logprobs,
             reasoning_max_tokens=None,
         )
-        seqs_per_prompt = [await self.prepare(p, params, f"{request_id}-{k}") for k, p in enumerate(prompts)]
-        shape = CompletionShape(self.tokenizer, self.model_name, request_id, req)
-        return await self._generate(req, shape, seqs_per_prompt)
+        seq_ids = [f"{request_id}-{k}-{i}" for k in range(len(prompts)) for i in range(req.n)]
+        release = self.ids.reserve(request_id, seq_ids)
+        try:
+            seqs_per_prompt = [
+                await self.prepare(p, params, f"{request_id}-{k}") for k, p in enumerate(prompts)
+            ]
+            shape = CompletionShape(self.tokenizer, self.model_name, request_id, req)
+            return await self._generate(req, shape, seqs_per_prompt, release)
+        except BaseException:
+            release()
+            raise
 
     # -- generation -----------------------------------------------------------------------------
 
-    async def _generate(self, req: P.SamplingFields, shape: Shape, seqs_per_prompt: list[list[Sequence]]):
-        """A stream of events for a streaming request (one prompt), else the whole response."""
+    async def _generate(
+        self, req: P.SamplingFields, shape: Shape, seqs_per_prompt: list[list[Sequence]], release
+    ):
+        """A stream of events for a streaming request (one prompt), else the whole response; `release`
+        gives back the ids once it is over (for a stream: when it is closed)."""
         if req.stream:
-            return event_stream(self.engine, seqs_per_prompt[0], shape, req.stream_options)
+            return EventStream(
+                event_stream(self.engine, seqs_per_prompt[0], shape, req.stream_options), release
+            )
         seqs = [seq for group in seqs_per_prompt for seq in group]
-        outputs = [out for group in seqs_per_prompt for out in await collect(self.engine, group)]
+        try:
+            outputs = await collect(self.engine, seqs, shape.request_id)
+        finally:
+            release()
         choices = [shape.choice(i, seq, out) for i, (seq, out) in enumerate(zip(seqs, outputs, strict=True))]
         num_prompt = sum(group[0].num_prompt_tokens for group in seqs_per_prompt)
         return shape.response(choices, num_prompt, outputs)

@@ -12,6 +12,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily
 
 from fdkit.engine.async_engine import AsyncLLM, EngineObserver
 from fdkit.engine.llm_engine import RequestOutput
@@ -54,6 +55,7 @@ class ServerMetrics(EngineObserver):
         self.running.set_function(lambda: engine.num_running)
         self.waiting.set_function(lambda: engine.num_waiting)
         self.kv_usage.set_function(lambda: engine.kv_cache_usage)
+        self.registry.register(_RestartsCollector(engine))
 
     def on_request(self, num_prompt_tokens: int) -> None:
         self.prompt_tokens.inc(num_prompt_tokens)
@@ -75,3 +77,15 @@ class ServerMetrics(EngineObserver):
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _RestartsCollector:
+    """`fdkit:engine_restarts_total`: engines started after the first died (the engine counts them)."""
+
+    def __init__(self, engine: AsyncLLM):
+        self.engine = engine
+
+    def collect(self):
+        yield CounterMetricFamily(
+            "fdkit:engine_restarts", "Engine restarts after a failure", value=self.engine.num_restarts
+        )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -21,17 +21,28 @@ class OpenAIModel(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
-class RequestModel(OpenAIModel):
-    model_config = ConfigDict(extra="allow")
+class RequestPart(OpenAIModel):
+    """Part of a request: strict types (no "yes" for true, no false for 0) and finite numbers."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+
+
+class RequestModel(RequestPart):
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
     @property
     def unknown_fields(self) -> list[str]:
         return sorted(self.model_extra or {})
 
 
-class StreamOptions(OpenAIModel):
+class StreamOptions(RequestPart):
     include_usage: bool | None = True
     continuous_usage_stats: bool | None = False
+
+
+MAX_INT = 2**31 - 1  # counts and ids beyond this are no request's; they only overflow downstream
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+TokenIds = Annotated[list[int], Field(min_length=1)]
 
 
 class SamplingFields(RequestModel):
@@ -39,7 +50,7 @@ class SamplingFields(RequestModel):
 
     model: str | None = None
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_INT)
     n: int = Field(1, ge=1, le=16)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
@@ -50,16 +61,16 @@ class SamplingFields(RequestModel):
     top_p: float | None = Field(None, ge=0, le=1)
     user: str | None = None
     # FastDeploy / vLLM extensions
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=-1, le=MAX_INT)
     min_p: float | None = Field(None, ge=0, le=1)
-    min_tokens: int | None = Field(None, ge=0)
+    min_tokens: int | None = Field(None, ge=0, le=MAX_INT)
     repetition_penalty: float | None = Field(None, gt=0)
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[Annotated[int, Field(ge=0, le=MAX_INT)]] | None = None
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     return_token_ids: bool = False
-    reasoning_max_tokens: int | None = Field(None, ge=1)
-    request_id: str | None = None
+    reasoning_max_tokens: int | None = Field(None, ge=1, le=MAX_INT)
+    request_id: NonEmptyStr | None = None
 
     @field_validator("stop")
     @classmethod
@@ -73,24 +84,45 @@ class SamplingFields(RequestModel):
         return self
 
 
-class ChatMessage(OpenAIModel):
+class TextContentPart(RequestPart):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(RequestPart):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[TextContentPart] | None = None  # a text-only model: text parts only
     name: str | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
-            return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+            return "".join(part.text for part in self.content)
         return self.content or ""
+
+
+class ChatMetadata(RequestPart):
+    """FastDeploy's place for some chat settings; other keys are allowed and ignored."""
+
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+    min_tokens: int | None = Field(None, ge=0, le=MAX_INT)
+    reasoning_max_tokens: int | None = Field(None, ge=1, le=MAX_INT)
+    enable_thinking: bool | None = None
+
+
+class ChatTemplateKwargs(RequestPart):
+    """Passed to the chat template; `enable_thinking` is the one fdkit reads."""
+
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+    enable_thinking: bool | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    metadata: dict[str, Any] | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
+    metadata: ChatMetadata | None = None
+    chat_template_kwargs: ChatTemplateKwargs | None = None
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self):
@@ -100,17 +132,15 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: (
+        NonEmptyStr
+        | Annotated[list[str], Field(min_length=1)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1)]
+    )
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
     suffix: str | None = None
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt_not_empty(cls, value):
-        if value == "" or value == []:
-            raise ValueError("prompt must not be empty")
-        return value
 
 
 class PromptTokensDetails(OpenAIModel):

@@ -5,17 +5,44 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Callable
 
-from fdkit.engine.async_engine import AsyncLLM, EngineDeadError
+from fdkit.engine.async_engine import AsyncLLM, EngineDeadError, RequestFailedError
 from fdkit.engine.llm_engine import RequestOutput
 from fdkit.engine.sequence import Sequence
 from fdkit.serving import protocol as P
-from fdkit.serving.errors import engine_unavailable
+from fdkit.serving.errors import APIError, client_message, from_engine_error, internal_error
 from fdkit.serving.reasoning import ReasoningParser, ReasoningStream
 from fdkit.serving.shapes import Delta, Shape, usage
 
+logger = logging.getLogger(__name__)
 DONE = "data: [DONE]\n\n"
+
+
+class EventStream:
+    """A stream of server-sent events whose `aclose` also runs the `on_close` callbacks, once, even
+    when the stream never started (the app always closes what it was given)."""
+
+    def __init__(self, events: AsyncIterator[str], *on_close: Callable[[], None]):
+        self.events, self.callbacks = events, list(on_close)
+
+    def on_close(self, callback: Callable[[], None]) -> None:
+        self.callbacks.append(callback)
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> str:
+        return await self.events.__anext__()
+
+    async def aclose(self) -> None:
+        try:
+            await self.events.aclose()  # type: ignore[attr-defined]
+        finally:
+            callbacks, self.callbacks = self.callbacks, []
+            for callback in callbacks:
+                callback()
 
 
 class ChoiceStream:
@@ -62,20 +89,36 @@ async def event_stream(
                 yield sse(shape.chunk([shape.stream_choice(i, out, delta)], running_usage()))
         if include_usage:
             yield sse(shape.chunk([], shape.stream_usage(num_prompt, [s.last for s in states])))
-    except EngineDeadError as exc:
-        yield sse(engine_unavailable(exc).body())
+    except Exception as exc:  # the response has started: the error goes in the stream
+        yield sse(stream_error(exc, shape.request_id).body())
     yield DONE
 
 
-async def collect(engine: AsyncLLM, seqs: list[Sequence]) -> list[RequestOutput]:
+async def collect(engine: AsyncLLM, seqs: list[Sequence], request_id: str) -> list[RequestOutput]:
     """The final output of each request, in order."""
     last: dict[int, RequestOutput] = {}
     try:
         async for i, out in merge(engine, seqs):
             last[i] = out
-    except EngineDeadError as exc:
-        raise engine_unavailable(exc) from exc
+    except (EngineDeadError, ValueError) as exc:
+        raise stream_error(exc, request_id) from exc
     return [last[i] for i in range(len(seqs))]
+
+
+def stream_error(exc: Exception, request_id: str) -> APIError:
+    """What a client is told when generation fails; the log gets the whole story."""
+    if isinstance(exc, RequestFailedError):  # this request only: a fault of ours, not of the request
+        logger.error("request %s failed in the engine: %s", request_id, exc, exc_info=exc.__cause__)
+        return internal_error(request_id)
+    if isinstance(exc, EngineDeadError):
+        logger.warning("request %s: the engine failed: %s", request_id, exc, exc_info=exc.__cause__)
+        reason = client_message(str(exc), "the engine stopped")
+        return APIError(503, f"{reason} (request id {request_id})", code="engine_unavailable")
+    if isinstance(exc, ValueError):  # the engine refused the request
+        logger.info("request %s refused by the engine: %s", request_id, exc)
+        return from_engine_error(exc)
+    logger.error("request %s failed", request_id, exc_info=exc)
+    return internal_error(request_id)
 
 
 async def merge(engine: AsyncLLM, seqs: list[Sequence]) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -102,11 +145,11 @@ async def merge(engine: AsyncLLM, seqs: list[Sequence]) -> AsyncIterator[tuple[i
 
 
 async def _pump(engine: AsyncLLM, index: int, seq: Sequence, queue: asyncio.Queue) -> None:
-    """Puts (index, output) for each output, (index, error) if the engine dies, then (index, None)."""
+    """Puts (index, output) for each output, (index, error) if it fails, then (index, None)."""
     try:
         async for out in engine.stream(seq):
             await queue.put((index, out))
-    except EngineDeadError as exc:
+    except Exception as exc:
         await queue.put((index, exc))
     finally:
         await queue.put((index, None))
