@@ -25,6 +25,7 @@ class ModelConfig:
     name: str = "ernie"  # served as this name unless server.served_model_name is set
     path: str = "???"  # the checkpoint folder, as published
     reasoning_parser: str | None = None  # "ernie-45-vl" / "ernie-x1" for models that think
+    always_thinks: bool = False  # True: enable_thinking cannot be switched off (the Thinking model, as FastDeploy)
 
 
 @dataclass

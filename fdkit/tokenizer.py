@@ -46,7 +46,7 @@ class Tokenizer:
         ordered = sorted(self.atomic_token_ids, key=len, reverse=True)
         self._split_re = re.compile("(" + "|".join(map(re.escape, ordered)) + ")") if ordered else None
         self.vocab_size = max([self.sp.get_piece_size(), *[i + 1 for i in self.id_to_atomic]])
-        self.chat_template = config.get("chat_template") or default_chat_template
+        self.chat_template = _chat_template(folder, config) or default_chat_template
         self._template_env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         self._template_env.globals["raise_exception"] = _raise_template_error
 
@@ -132,3 +132,16 @@ class IncrementalDecoder:
             return ""  # wait for the rest of a multi-byte character
         self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
         return new_text[len(prefix_text) :]
+
+
+def _chat_template(folder: Path, config: dict) -> str | None:
+    """The checkpoint's own template: chat_template.jinja (as transformers saves it now), else
+    tokenizer_config.json's `chat_template` (a string, or a list of named templates: the default one)."""
+    file = folder / "chat_template.jinja"
+    if file.is_file():
+        return file.read_text()
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        named = {item.get("name"): item.get("template") for item in template if isinstance(item, dict)}
+        template = named.get("default")
+    return template

@@ -134,7 +134,7 @@ class OpenAIServing:
         kwargs = req.chat_template_kwargs.model_dump(exclude_none=True) if req.chat_template_kwargs else {}
         metadata = req.metadata or P.ChatMetadata()
         thinking = kwargs.get("enable_thinking", metadata.enable_thinking)
-        kwargs["enable_thinking"] = thinking = thinking is not False
+        kwargs["enable_thinking"] = thinking = thinking is not False or self.cfg.model.always_thinks
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         try:
             return self.tokenizer.apply_chat_template(
