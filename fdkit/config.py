@@ -25,7 +25,11 @@ class ModelConfig:
     name: str = "ernie"  # served as this name unless server.served_model_name is set
     path: str = "???"  # the checkpoint folder, as published
     reasoning_parser: str | None = None  # "ernie-45-vl" / "ernie-x1" for models that think
-    always_thinks: bool = False  # True: enable_thinking cannot be switched off (the Thinking model, as FastDeploy)
+    download: bool = True  # a hub id (ORG/NAME) found nowhere locally is downloaded (fdkit/hub.py)
+    revision: str | None = None  # the hub revision to download (None: the default branch)
+    always_thinks: bool = (
+        False  # True: enable_thinking cannot be switched off (the Thinking model, as FastDeploy)
+    )
 
 
 @dataclass
@@ -34,8 +38,9 @@ class EngineConfig:
     dtype: str = "float32"  # "bfloat16" / "float16" need a GPU build of paddle
     threads: int = 0  # 0: the host's cores shared among the ranks
     block_size: int = 64  # tokens per KV block
-    kv_cache_gib: float = 1.0  # memory for the KV cache of one rank
-    num_kv_blocks: int | None = None  # overrides kv_cache_gib when set
+    kv_cache_gib: float | None = None  # KV cache of one rank; None: sized from memory (memory_utilization)
+    memory_utilization: float | None = None  # KV share of memory left after weights; None: 0.5 CPU / 0.9 GPU
+    num_kv_blocks: int | None = None  # overrides kv_cache_gib and the auto size when set
     max_num_seqs: int = 32  # sequences per step
     max_num_batched_tokens: int | None = None  # None: max(max_model_len, 2048); no chunked prefill yet
     max_model_len: int | None = 4096  # None: the model's max_position_embeddings
@@ -70,6 +75,7 @@ class SamplingConfig:
 class ServerConfig:
     host: str = "0.0.0.0"
     port: int = 8188
+    metrics_port: int | None = None  # /metrics on its own port (FastDeploy's --metrics-port); None: `port`
     served_model_name: str | None = None  # None: model.name
     api_keys: list[str] = field(default_factory=list)  # empty: no authentication
     cors_origins: list[str] = field(default_factory=lambda: ["*"])

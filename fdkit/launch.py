@@ -5,6 +5,11 @@ SIGTERM (or Ctrl-C) drains: the server stops admitting (503s, /health 503, the p
 are answered), lets running requests finish within `server.shutdown_grace_s`, ends the rest with an
 error event, then stops and exits 0. A second signal stops at once. An engine that died for good
 (`server.on_engine_death: exit`, or its restarts used up) stops the server with exit status 1.
+
+A server that cannot start as configured says why in one line and exits with status 1, before any
+weight is read: a port in use, a model that is not there, a config the memory plan refuses (too big,
+a dtype the device cannot run, a tp that does not divide the heads), a checkpoint fdkit cannot load.
+Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -13,12 +18,14 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import threading
 from typing import TYPE_CHECKING
 
 import uvicorn
 from omegaconf import DictConfig, OmegaConf
 
+from fdkit.checkpoint import CheckpointError
 from fdkit.config import FdkitConfig, to_config
 
 if TYPE_CHECKING:
@@ -28,6 +35,21 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("fdkit")
 FLUSH_S = 5.0  # after the drain: how long uvicorn waits for connections to close
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class StartupError(RuntimeError):
+    """The server cannot start as configured (e.g. its port is in use)."""
+
+
+# one line and exit status 1, no traceback: a port in use, a model or tokenizer not found
+# (ModelNotFoundError is a FileNotFoundError), a checkpoint that cannot load, the memory plan's PlanError
+STARTUP_ERRORS = (StartupError, FileNotFoundError, CheckpointError)
+
+
+def configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a model download's every request otherwise
 
 
 def build_engine(cfg: FdkitConfig, on_fatal=None) -> AsyncLLM:
@@ -39,7 +61,7 @@ def build_engine(cfg: FdkitConfig, on_fatal=None) -> AsyncLLM:
 
 
 def run(cfg: DictConfig | FdkitConfig) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     cfg = to_config(cfg)
     logger.info("resolved config:\n%s", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     engine_died = threading.Event()
@@ -48,15 +70,45 @@ def run(cfg: DictConfig | FdkitConfig) -> None:
         logger.error("the engine died and will not be restarted: %s", reason)
         engine_died.set()
 
-    engine = build_engine(cfg, on_fatal)
+    try:
+        check_ports_free(cfg)
+        engine = build_engine(cfg, on_fatal)
+    except STARTUP_ERRORS as exc:
+        logger.error("cannot start: %s", " ".join(str(exc).split()))
+        raise SystemExit(1) from None
+    server = None
     try:
         server = _make_server(engine, cfg, engine_died)
         server.run()
     finally:
+        if server is not None and server.metrics_server is not None:
+            server.metrics_server.should_exit = True
         engine.shutdown()
         logger.info("engine stopped")
     if server.exit_code:
         raise SystemExit(server.exit_code)
+
+
+def check_ports_free(cfg: FdkitConfig) -> None:
+    """Before the model loads: every port the server will listen on must be free."""
+    ports = {
+        "server.port (--port)": cfg.server.port,
+        "server.metrics_port (--metrics-port)": cfg.server.metrics_port,
+        "playground.port": cfg.playground.port if cfg.playground.enabled else None,
+    }
+    for key, port in ports.items():
+        if not port:
+            continue
+        family = socket.AF_INET6 if ":" in cfg.server.host else socket.AF_INET
+        with socket.socket(family) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            try:
+                sock.bind((cfg.server.host, port))
+            except OSError as exc:
+                raise StartupError(
+                    f"port {port} on {cfg.server.host} is not free ({exc.strerror}): stop what listens "
+                    f"there or choose another port: {key}"
+                ) from exc
 
 
 def _make_server(engine: AsyncLLM, cfg: FdkitConfig, engine_died: threading.Event) -> DrainingServer:
@@ -82,7 +134,23 @@ def _make_server(engine: AsyncLLM, cfg: FdkitConfig, engine_died: threading.Even
         log_level=server.log_level,
         timeout_graceful_shutdown=FLUSH_S,
     )
-    return DrainingServer(config, state, server.shutdown_grace_s, engine_died)
+    draining = DrainingServer(config, state, server.shutdown_grace_s, engine_died)
+    draining.metrics_server = start_metrics_server(state, cfg)
+    return draining
+
+
+def start_metrics_server(state, cfg: FdkitConfig) -> uvicorn.Server | None:
+    """/metrics on `server.metrics_port`, in a thread, when it differs from the API's port."""
+    port = cfg.server.metrics_port
+    if port in (None, cfg.server.port):
+        return None
+    from fdkit.serving.openai_app import build_metrics_app
+
+    app = build_metrics_app(state, cfg)
+    server = uvicorn.Server(uvicorn.Config(app, host=cfg.server.host, port=port, log_level="warning"))
+    threading.Thread(target=server.run, name="fdkit-metrics", daemon=True).start()
+    logger.info("metrics at http://%s:%d/metrics", cfg.server.host, port)
+    return server
 
 
 class DrainingServer(uvicorn.Server):
@@ -92,6 +160,7 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.state, self.grace_s, self.engine_died = state, grace_s, engine_died
         self.exit_code = 0
+        self.metrics_server: uvicorn.Server | None = None
         self.drain_requested = False
         self._drain_task: asyncio.Task | None = None
 

@@ -1,10 +1,13 @@
-"""`LLM`: the engine's front for notebooks and the server. It tokenizes and validates requests, and
-drives an engine core built by `build_engine`: in this process (tp=1) or over rank processes (tp>1),
-one API either way."""
+"""`LLM`: the engine's front for notebooks and the server. Before any engine exists it finds the model
+(a folder, or a hub id it may download: fdkit/hub.py) and plans its memory (fdkit/engine/memory.py:
+a config that cannot fit is refused here, and the plan sizes the KV cache for every rank). It tokenizes
+and validates requests, and drives an engine core built by `build_engine`: in this process (tp=1) or
+over rank processes (tp>1), one API either way."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import logging
 from collections.abc import Sequence as Seq
@@ -14,10 +17,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm.auto import tqdm
 
+from fdkit.checkpoint import CheckpointReader
 from fdkit.config import FdkitConfig, load_config, to_config, to_overrides
-from fdkit.engine.llm_engine import LLMEngine, RequestOutput, checkpoint_folder, load_tokenizer
+from fdkit.engine.llm_engine import LLMEngine, RequestOutput, load_tokenizer
+from fdkit.engine.memory import MemoryPlan, plan_memory
 from fdkit.engine.rank_engine import RankEngine
 from fdkit.engine.sequence import SamplingParams, Sequence
+from fdkit.hub import resolve_model
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -49,8 +55,9 @@ class LLM:
         in_process: bool = True,
         **engine_overrides,
     ):
-        self.config = to_config(config) if config is not None else _compose(model_path, engine_overrides)
-        self.model_path = checkpoint_folder(self.config.model.path)
+        config = to_config(config) if config is not None else _compose(model_path, engine_overrides)
+        self.model_path, self.memory_plan = prepare_model(config)
+        self.config = _planned_config(config, self.model_path, self.memory_plan)
         self.tokenizer = load_tokenizer(self.model_path)
         self.in_process = in_process
         self.engine = build_engine(self.config, self.model_path, self.tokenizer, in_process)
@@ -176,6 +183,27 @@ class LLM:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def prepare_model(config: FdkitConfig) -> tuple[Path, MemoryPlan]:
+    """The model's local folder (found or downloaded) and its memory plan; PlanError if it cannot fit,
+    raised from config.json alone, before any weight file is looked for or downloaded."""
+    model = config.model
+    check = lambda folder: plan_memory(config, folder)
+    path = resolve_model(model.path, model.download, model.revision, before_weights=check)
+    plan = plan_memory(config, path)
+    logger.info("%s", plan.summary())
+    CheckpointReader(path)  # the weight files are all there (headers only), else CheckpointError here
+    return path, plan
+
+
+def _planned_config(config: FdkitConfig, path: Path, plan: MemoryPlan) -> FdkitConfig:
+    """A copy of `config` with the local folder and the plan's KV blocks: every rank (and a restarted
+    engine) then uses the same number, not one measured again under another memory load."""
+    planned = copy.deepcopy(config)
+    planned.model.path = str(path)
+    planned.engine.num_kv_blocks = plan.num_kv_blocks
+    return planned
 
 
 def _compose(model_path: str | Path | None, engine_overrides: dict) -> FdkitConfig:

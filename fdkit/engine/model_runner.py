@@ -11,15 +11,14 @@ from pathlib import Path
 import numpy as np
 import paddle
 
-from fdkit.checkpoint import CheckpointError, read_config
-from fdkit.engine.kv_cache import num_blocks_for
+from fdkit.checkpoint import read_config
+from fdkit.engine.memory import DTYPE_BYTES
 from fdkit.engine.sequence import Sequence
 from fdkit.models import model_module
 from fdkit.models.layers import AttentionBatch
 from fdkit.models.loader import load_weights
 
 logger = logging.getLogger(__name__)
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def configure_runtime(device: str, threads: int, world_size: int = 1) -> None:
@@ -69,31 +68,23 @@ class ModelRunner:
         self.module = model_module(raw_config)
         self.model_config = self.module.CONFIG_CLASS.from_dict(raw_config)
         self.max_model_len = engine_cfg.max_model_len or self.model_config.max_position_embeddings
+        self.block_size = engine_cfg.block_size
+        self.num_blocks = self._num_kv_blocks()
         paddle.set_default_dtype(engine_cfg.dtype)
         paddle.seed(engine_cfg.seed)
         with paddle.no_grad():
             self.model = self.module.MODEL_CLASS(self.model_config, max_position=self.max_model_len)
             self.model.eval()
             load_weights(self.model, self.module, Path(model_path), engine_cfg.show_progress)
-        self.block_size = engine_cfg.block_size
-        self.num_blocks = self._num_kv_blocks()
         self.kv_caches = self._allocate_kv_cache()
 
-    def _bytes_per_block(self) -> int:
-        num_kv_heads, head_dim = self.model.kv_cache_shape
-        per_token = 2 * self.model_config.num_hidden_layers * num_kv_heads * head_dim
-        return per_token * self.block_size * DTYPE_BYTES[self.cfg.dtype]
-
     def _num_kv_blocks(self) -> int:
-        num_blocks = self.cfg.num_kv_blocks or int(self.cfg.kv_cache_gib * 2**30 // self._bytes_per_block())
-        needed = num_blocks_for(self.max_model_len, self.block_size)
-        if num_blocks < needed:
-            raise CheckpointError(
-                f"the KV cache holds {num_blocks} blocks of {self.block_size} tokens, but max_model_len "
-                f"{self.max_model_len} needs {needed}: raise engine.kv_cache_gib or lower "
-                "engine.max_model_len"
+        if self.cfg.num_kv_blocks is None:
+            raise ValueError(
+                "engine.num_kv_blocks is unset: the memory plan (fdkit.engine.memory.plan_memory) sizes "
+                "the KV cache before an engine is built, as LLM does"
             )
-        return num_blocks
+        return self.cfg.num_kv_blocks
 
     def _allocate_kv_cache(self) -> list[tuple[paddle.Tensor, paddle.Tensor]]:
         num_kv_heads, head_dim = self.model.kv_cache_shape

@@ -62,6 +62,8 @@ def build_app(engine: AsyncLLM, cfg) -> FastAPI:
     )
     _add_error_handlers(app)
     _add_service_routes(app, state)
+    if cfg.server.metrics_port in (None, cfg.server.port):  # else on its own port: build_metrics_app
+        _add_metrics_route(app, state)
     _add_generation_routes(app, state)
     _complete_openapi(app)
     return app
@@ -103,6 +105,27 @@ def _add_service_routes(app: FastAPI, state: ServerState) -> None:
     async def version() -> dict[str, str]:
         return {"version": fdkit.__version__}
 
+    @app.get("/v1/models", response_model=P.ModelList, responses=_errors(401))
+    async def models():
+        card = P.ModelCard(
+            id=state.serving.model_name,
+            root=str(state.engine.llm.model_path),
+            max_model_len=state.engine.llm.max_model_len,
+        )
+        return P.ModelList(data=[card])
+
+
+def build_metrics_app(state: ServerState, cfg) -> FastAPI:
+    """`/metrics` alone, for `server.metrics_port` (FastDeploy's --metrics-port), behind the same keys."""
+    app = FastAPI(title="fdkit metrics", version=fdkit.__version__, openapi_url=None)
+    public = ["/health", *cfg.server.public_paths]
+    app.add_middleware(AuthGuard, api_keys=list(cfg.server.api_keys or []), public_paths=public)
+    _add_error_handlers(app)
+    _add_metrics_route(app, state)
+    return app
+
+
+def _add_metrics_route(app: FastAPI, state: ServerState) -> None:
     envelope = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
     text = {
         200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text"},
@@ -112,15 +135,6 @@ def _add_service_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/metrics", response_class=PlainTextResponse, responses=text)
     async def metrics():
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    @app.get("/v1/models", response_model=P.ModelList, responses=_errors(401))
-    async def models():
-        card = P.ModelCard(
-            id=state.serving.model_name,
-            root=str(state.engine.llm.model_path),
-            max_model_len=state.engine.llm.max_model_len,
-        )
-        return P.ModelList(data=[card])
 
 
 def _add_generation_routes(app: FastAPI, state: ServerState) -> None:

@@ -1,68 +1,131 @@
-"""FastDeploy's command line, for existing scripts:
+"""FastDeploy's command line, for existing scripts, verbatim:
 
-    python -m fdkit.entrypoints.openai.api_server --model PATH --port 8188 --tensor-parallel-size 1 \\
-        --max-model-len 32768
+    python -m fdkit.entrypoints.openai.api_server --model baidu/ERNIE-4.5-0.3B-Paddle --port 8188 \\
+        --tensor-parallel-size 8 --max-model-len 32768
 
-Each flag becomes a Hydra override of fdkit's config, then the same `run(cfg)` as `launch.py` serves it.
+`--model` takes a folder or a hub id (found locally or downloaded: fdkit/hub.py). Every FastDeploy flag
+is mapped onto fdkit's config or accepted with a warning that says why it has no effect
+(fastdeploy_flags.py; the table is docs/fastdeploy_flags.md); `--config FILE.yaml` reads flags from a
+file as FastDeploy does (the command line wins); other fdkit settings go in `--override key=value`.
+Then the same `run(cfg)` as `launch.py` serves it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import sys
 from pathlib import Path
 
-# FastDeploy flag -> fdkit config key
-FLAG_TO_KEY = {
-    "port": "server.port",
-    "host": "server.host",
-    "tensor_parallel_size": "tp",
-    "max_model_len": "engine.max_model_len",
-    "max_num_seqs": "engine.max_num_seqs",
-    "max_num_batched_tokens": "engine.max_num_batched_tokens",
-    "block_size": "engine.block_size",
-    "dtype": "engine.dtype",
-    "device": "engine.device",
-    "seed": "engine.seed",
-    "kv_cache_gib": "engine.kv_cache_gib",
-    "served_model_name": "server.served_model_name",
-    "reasoning_parser": "server.reasoning_parser",
-    "max_concurrency": "server.max_concurrency",
+from fdkit.entrypoints.openai.fastdeploy_flags import (
+    ALIASES,
+    LIST,
+    MAPPED,
+    MAPPED_SWITCHES,
+    SWITCH,
+    TOGGLE,
+    VALUE,
+    ignored_flags,
+)
+
+logger = logging.getLogger("fdkit")
+ARGPARSE_KIND = {
+    VALUE: {},
+    SWITCH: {"action": "store_true"},
+    TOGGLE: {"action": argparse.BooleanOptionalAction},
+    LIST: {"nargs": "+"},
 }
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(description="fdkit's FastDeploy-compatible OpenAI server")
-    parser.add_argument("--model", required=True, help="checkpoint folder")
-    for flag in FLAG_TO_KEY:
-        parser.add_argument("--" + flag.replace("_", "-"), dest=flag, default=None)
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="fdkit's FastDeploy-compatible OpenAI server", allow_abbrev=False
+    )
+    parser.add_argument("--model", required=True, help="checkpoint folder, or hub id ORG/NAME")
+    for flag, key in MAPPED.items():
+        names = [flag, *(alias for alias, target in ALIASES.items() if target == flag)]
+        parser.add_argument(*names, dest=_dest(flag), default=None, help=f"sets {key}")
+    for flag, key in MAPPED_SWITCHES.items():
+        parser.add_argument(flag, dest=_dest(flag), action="store_true", help=f"sets {key}=true")
+    for flag, (kind, reason) in ignored_flags().items():
+        help_text = f"no effect: {reason}".replace("%", "%%")
+        parser.add_argument(flag, dest=_dest(flag), default=None, help=help_text, **ARGPARSE_KIND[kind])
     parser.add_argument("--api-key", action="append", default=None, help="repeatable")
+    parser.add_argument(
+        "--config", default=None, help="YAML file of flags (FastDeploy's); the command line wins"
+    )
     parser.add_argument("--override", action="append", default=[], help="any fdkit override, e.g. tp=2")
-    return parser.parse_known_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--config", default=None)
+    config = first.parse_known_args(argv)[0].config
+    if config:  # the file's flags first, so that the command line's win (--model may be in the file)
+        argv = config_file_argv(Path(config)) + argv
+    return build_parser().parse_args(argv)
+
+
+def config_file_argv(path: Path) -> list[str]:
+    """FastDeploy's `--config` YAML ({max_model_len: 32768, enable_logprob: true}) as flags."""
+    import yaml
+
+    argv: list[str] = []
+    for key, value in (yaml.safe_load(path.read_text()) or {}).items():
+        flag = "--" + str(key).replace("_", "-")
+        if isinstance(value, bool):
+            argv += [flag] if value else []
+        else:
+            argv += [flag, value if isinstance(value, str) else json.dumps(value)]
+    return argv
+
+
+def ignored_warnings(args: argparse.Namespace) -> list[str]:
+    return [
+        f"{flag} is accepted but has no effect ({reason})"
+        for flag, (_, reason) in ignored_flags().items()
+        if getattr(args, _dest(flag)) is not None  # --no-enable-prefix-caching too
+    ]
 
 
 def to_overrides(args: argparse.Namespace) -> list[str]:
-    path = Path(args.model).expanduser()
-    overrides = ["model=ernie", f"model.path={path}", f"model.name={path.name}"]
-    overrides += [
-        f"{key}={getattr(args, flag)}" for flag, key in FLAG_TO_KEY.items() if getattr(args, flag) is not None
-    ]
+    model = Path(args.model).expanduser()  # a folder, or a hub id ORG/NAME (its NAME is the served name)
+    overrides = ["model=ernie", f"model.path={model}", f"model.name={model.name}"]
+    for flag, key in MAPPED.items():
+        value = getattr(args, _dest(flag))
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    overrides += [f"{key}=true" for flag, key in MAPPED_SWITCHES.items() if getattr(args, _dest(flag))]
     if args.api_key:
         overrides.append("server.api_keys=[" + ",".join(args.api_key) + "]")
     return overrides + list(args.override)
 
 
 def main(argv: list[str] | None = None) -> None:
-    import logging
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
     from fdkit.config import load_config
-    from fdkit.launch import run
+    from fdkit.launch import configure_logging, run
 
-    args, unknown = parse_args(argv)
-    if unknown:
-        logging.getLogger("fdkit").warning(
-            "ignoring FastDeploy flags fdkit does not map: %s", " ".join(unknown)
-        )
-    run(load_config(to_overrides(args)))
+    configure_logging()
+    args = parse_args(argv)
+    for warning in ignored_warnings(args):
+        logger.warning("%s", warning)
+    try:
+        cfg = load_config(to_overrides(args))
+    except (HydraException, OmegaConfBaseException) as exc:
+        cause = f" ({exc.__cause__})" if exc.__cause__ else ""  # Hydra's message names only the override
+        logger.error("cannot start: %s", " ".join(f"{exc}{cause}".split()))
+        raise SystemExit(2) from None
+    run(cfg)
 
 
 if __name__ == "__main__":
