@@ -10,6 +10,7 @@ table of `TensorRule`s (its `CHECKPOINT_RULES`); the functions here apply such a
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import json
 import os
@@ -257,6 +258,19 @@ def detect_layout(rules: Sequence[TensorRule], names: Iterable[str]) -> str:
     return max(
         layouts(rules), key=lambda layout: sum(match_tensor(rules, layout, n) is not None for n in names)
     )
+
+
+def raise_if_unsupported(
+    folder: Path, unsupported: Mapping[str, Sequence[str]], names: Iterable[str]
+) -> None:
+    """`unsupported` maps what a kind of checkpoint is to glob patterns of tensors only it has."""
+    for what, patterns in unsupported.items():
+        found = [name for name in names if any(fnmatch.fnmatchcase(name, p) for p in patterns)]
+        if found:
+            more = f" and {len(found) - 3} more" if len(found) > 3 else ""
+            raise CheckpointError(
+                f"{folder}: {what} are not supported yet (tensors {', '.join(found[:3])}{more})"
+            )
 
 
 def _rule_for_target(rules: Sequence[TensorRule], target: str) -> tuple[TensorRule, dict[str, str]]:

@@ -2,11 +2,15 @@
 
 Paddle's `Linear.weight` is [in, out]: a column split is axis 1, a row split axis 0. Loaders take full
 tensors in that orientation and keep only this rank's slice.
+
+Routed experts (`held_experts`) are split like any MLP, or, with expert parallelism, spread whole.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 
 import numpy as np
 import paddle
@@ -19,6 +23,7 @@ class ParallelState:
     rank: int = 0
     world_size: int = 1
     group: object | None = None
+    expert_parallel: bool = False  # routed experts spread whole over the ranks instead of each one split
 
 
 _state = ParallelState()
@@ -30,6 +35,37 @@ def get_parallel_state() -> ParallelState:
 
 def set_parallel_state(rank: int, world_size: int, group: object | None = None) -> None:
     _state.rank, _state.world_size, _state.group = rank, world_size, group
+
+
+def set_expert_parallel(enabled: bool) -> None:
+    _state.expert_parallel = enabled
+
+
+@contextmanager
+def rank_view(world_size: int, expert_parallel: bool = False, rank: int = 0) -> Iterator[None]:
+    """Layers built inside take the shapes rank `rank` of `world_size` holds (no process group: for
+    sizing a model before it is loaded)."""
+    saved = replace(_state)
+    _state.rank, _state.world_size, _state.group = rank, world_size, None
+    _state.expert_parallel = expert_parallel
+    try:
+        yield
+    finally:
+        vars(_state).update(vars(saved))
+
+
+def held_experts(num_experts: int) -> tuple[list[int], bool]:
+    """The routed experts this rank holds, and whether each is split across the ranks.
+
+    Tensor parallel: all of them, each split along its intermediate axis like any MLP. Expert parallel:
+    num_experts / world_size whole experts, consecutive ids.
+    """
+    if not _state.expert_parallel or _state.world_size == 1:
+        return list(range(num_experts)), True
+    if num_experts % _state.world_size:
+        raise ValueError(f"{num_experts} experts do not spread evenly over {_state.world_size} ranks")
+    per_rank = num_experts // _state.world_size
+    return list(range(_state.rank * per_rank, (_state.rank + 1) * per_rank)), False
 
 
 def all_reduce(x: paddle.Tensor) -> paddle.Tensor:
@@ -50,6 +86,8 @@ def shard(
     array: np.ndarray, axis: int, num_shards: int | None = None, index: int | None = None
 ) -> np.ndarray:
     num_shards = _state.world_size if num_shards is None else num_shards
+    if num_shards == 1:
+        return array
     index = _state.rank if index is None else index
     size = array.shape[axis] // num_shards
     return np.take(array, np.arange(index * size, (index + 1) * size), axis=axis)
@@ -66,11 +104,13 @@ def _zeros_param(layer: nn.Layer, shape: list[int]) -> paddle.Tensor:
 
 
 class ColumnParallelLinear(nn.Layer):
-    """y = x W with W's output features split across ranks (axis 1); outputs stay sharded."""
+    """y = x W with W's output features split across ranks (axis 1); outputs stay sharded.
+    `is_split=False`: every rank holds W whole."""
 
-    def __init__(self, in_features: int, out_sizes: list[int]):
+    def __init__(self, in_features: int, out_sizes: list[int], is_split: bool = True):
         super().__init__()
-        self.out_sizes = [size // _state.world_size for size in out_sizes]
+        self.num_shards = _state.world_size if is_split else 1
+        self.out_sizes = [size // self.num_shards for size in out_sizes]
         self.weight = _zeros_param(self, [in_features, sum(self.out_sizes)])
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
@@ -78,7 +118,8 @@ class ColumnParallelLinear(nn.Layer):
 
     def load(self, parts: list[np.ndarray], name: str) -> None:
         """`parts` are the full [in, out_i] tensors of the fused outputs, in order."""
-        assign(self.weight, np.concatenate([shard(p, axis=1) for p in parts], axis=1), name)
+        sliced = [shard(p, axis=1, num_shards=self.num_shards) for p in parts]
+        assign(self.weight, np.concatenate(sliced, axis=1), name)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -105,17 +146,22 @@ class QKVParallelLinear(ColumnParallelLinear):
 
 
 class RowParallelLinear(nn.Layer):
-    """y = x W with W's input features split across ranks (axis 0); partial sums are all-reduced."""
+    """y = x W with W's input features split across ranks (axis 0); partial sums are all-reduced.
+    `is_split=False`: every rank holds W whole. `is_reduced=False`: returns this rank's part of the sum,
+    for the caller to add to others before one all-reduce."""
 
-    def __init__(self, in_features: int, out_features: int):
+    def __init__(self, in_features: int, out_features: int, is_split: bool = True, is_reduced: bool = True):
         super().__init__()
-        self.weight = _zeros_param(self, [in_features // _state.world_size, out_features])
+        self.num_shards = _state.world_size if is_split else 1
+        self.is_reduced = is_reduced
+        self.weight = _zeros_param(self, [in_features // self.num_shards, out_features])
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        return all_reduce(paddle.matmul(x, self.weight))
+        out = paddle.matmul(x, self.weight)
+        return all_reduce(out) if self.is_reduced else out
 
     def load(self, parts: list[np.ndarray], name: str) -> None:
-        assign(self.weight, shard(parts[0], axis=0), name)
+        assign(self.weight, shard(parts[0], axis=0, num_shards=self.num_shards), name)
 
 
 class VocabParallelEmbedding(nn.Layer):
@@ -175,3 +221,14 @@ class TiedLoader:
     def load(self, parts: list[np.ndarray], name: str) -> None:
         for layer in self.layers:
             layer.load(parts, name)
+
+
+class TransposedLoader:
+    """Loads a layer from the transpose of what its `load` takes (an untied LM head stored [hidden,
+    vocab], while ParallelLMHead.load takes the embedding's [vocab, hidden] to share a tied tensor)."""
+
+    def __init__(self, layer: nn.Layer):
+        self.layer = layer
+
+    def load(self, parts: list[np.ndarray], name: str) -> None:
+        self.layer.load([part.T for part in parts], name)

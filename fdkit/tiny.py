@@ -1,8 +1,10 @@
 """Writes a random-weight ERNIE 4.5 checkpoint in the published format, with a SentencePiece tokenizer.
 
-    python -m fdkit.tiny OUT [--preset tiny|0.3b] [--layout paddle|pt] [--seed N]
+    python -m fdkit.tiny OUT [--preset NAME] [--layout paddle|pt] [--seed N]
 
-`tiny` loads in well under a second (tests); `0.3b` has ERNIE-4.5-0.3B's dimensions (benchmarks).
+Presets: `tiny` and `tiny-moe` load in well under a second (tests); `0.3b` has ERNIE-4.5-0.3B's dimensions,
+`small-moe` ERNIE-4.5-21B-A3B's proportions at a size this machine runs quickly, and `small-dense` the
+same active parameters as `small-moe` in a dense model (benchmarks).
 The same seed gives the same weights in both layouts, and the same files on every run.
 `ensure_checkpoint` writes one only where none is yet.
 """
@@ -19,7 +21,7 @@ import numpy as np
 import sentencepiece as spm
 
 from fdkit.checkpoint import parameter_name, save_checkpoint, staged_folder
-from fdkit.models import ernie4_5
+from fdkit.models import ernie4_5, ernie4_5_moe, model_module
 
 PRESETS = {
     "tiny": dict(
@@ -51,6 +53,23 @@ PRESETS = {
         bf16=True,
     ),
 }
+PRESETS["tiny-moe"] = {
+    **PRESETS["tiny"],
+    "num_hidden_layers": 3,
+    **dict(moe_num_experts=8, moe_k=2, moe_intermediate_size=32, moe_num_shared_experts=1),
+    **dict(moe_layer_start_index=1, moe_layer_end_index=2, moe_layer_interval=1, moe_norm_min=1e-12),
+}
+# 21B-A3B's proportions (64 experts, 6 per token, 2 shared, the first layer dense, dense width = (k + shared)
+# x the experts' width), and an LM head about as heavy, next to the active parameters, as 21B-A3B's.
+PRESETS["small-moe"] = {
+    **PRESETS["0.3b"],
+    **dict(vocab_size=8192, hidden_size=1024, intermediate_size=3072, num_hidden_layers=6),
+    **dict(num_attention_heads=8, num_key_value_heads=2, head_dim=128, num_shards=4),
+    **dict(moe_num_experts=64, moe_k=6, moe_intermediate_size=384, moe_num_shared_experts=2),
+    **dict(moe_layer_start_index=1, moe_layer_end_index=5, moe_layer_interval=1, moe_norm_min=1e-12),
+}
+# small-moe's dense twin: every layer as wide as small-moe's active experts (for step-cost comparisons).
+PRESETS["small-dense"] = {k: v for k, v in PRESETS["small-moe"].items() if not k.startswith("moe_")}
 # ERNIE 4.5's named special tokens (tokenizer_config.json of the published models).
 SPECIAL_TOKENS = {
     "bos_token": "<s>",
@@ -137,11 +156,12 @@ def train_tokenizer(
 def random_weights(raw_config: dict, seed: int) -> dict[str, np.ndarray]:
     """Our model's parameters by name, random; scaled so logits are well apart."""
     rng = np.random.default_rng(seed)
-    shapes = ernie4_5.weight_shapes(ernie4_5.CONFIG_CLASS.from_dict(raw_config))
+    module = model_module(raw_config)
+    shapes = module.weight_shapes(module.CONFIG_CLASS.from_dict(raw_config))
     state = {}
     for target, part_shapes in shapes.items():
         parts = [random_part(rng, target, shape) for shape in part_shapes]
-        state[parameter_name(ernie4_5.CHECKPOINT_RULES, target)] = np.concatenate(parts, axis=-1)
+        state[parameter_name(module.CHECKPOINT_RULES, target)] = np.concatenate(parts, axis=-1)
     return state
 
 
@@ -149,6 +169,8 @@ def random_part(rng: np.random.Generator, target: str, shape: tuple[int, ...]) -
     noise = rng.standard_normal(shape, dtype=np.float32)
     if len(shape) == 1:  # a norm
         return 1 + 0.1 * noise
+    if target.endswith("e_score_correction_bias"):  # about the spread of the routing probabilities
+        return noise * (0.5 / shape[-1])
     if target == "embed_tokens":
         return 0.2 * noise
     # The layers' outputs outweigh the embedding: no echo of the last token.
@@ -157,6 +179,7 @@ def random_part(rng: np.random.Generator, target: str, shape: tuple[int, ...]) -
 
 
 def model_config(cfg: dict, layout: str) -> dict:
+    module = _module(cfg)
     keys = (
         "vocab_size",
         "hidden_size",
@@ -168,9 +191,10 @@ def model_config(cfg: dict, layout: str) -> dict:
         "max_position_embeddings",
         "tie_word_embeddings",
     )
+    keys += tuple(key for key in cfg if key.startswith("moe_"))
     return {
-        "architectures": [ernie4_5.LAYOUT_ARCHITECTURES[layout]],
-        "model_type": "ernie4_5",
+        "architectures": [module.LAYOUT_ARCHITECTURES[layout]],
+        "model_type": module.MODEL_TYPES[0],
         "bos_token_id": 1,
         "eos_token_id": 2,
         "pad_token_id": 0,
@@ -238,6 +262,10 @@ def ensure_checkpoint(path: str | Path, preset: str = "tiny", layout: str = "pad
     return path
 
 
+def _module(cfg: dict):
+    return ernie4_5_moe if "moe_num_experts" in cfg else ernie4_5
+
+
 def _check_choices(preset: str, layout: str) -> None:
     if preset not in PRESETS or layout not in ernie4_5.LAYOUT_ARCHITECTURES:
         raise ValueError(
@@ -252,7 +280,7 @@ def _write(folder: Path, preset: str, layout: str, seed: int) -> None:
     tokenizer_files(folder, sp)
     raw_config = model_config(cfg, layout)
     state = random_weights(raw_config, seed)
-    save_checkpoint(folder, state, ernie4_5, raw_config, layout, cfg["num_shards"], cfg["bf16"])
+    save_checkpoint(folder, state, _module(cfg), raw_config, layout, cfg["num_shards"], cfg["bf16"])
 
 
 def main(argv: list[str] | None = None) -> None:

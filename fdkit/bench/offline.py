@@ -22,6 +22,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--threads", type=int, default=0, help="per rank; 0 shares the cores among ranks")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks")
+    parser.add_argument(
+        "--expert-parallel", action="store_true", help="MoE, --tp > 1: each rank holds whole experts"
+    )
     parser.add_argument("--kv-cache-gib", type=float, default=2.0)
     parser.add_argument("--baseline", choices=["none", "paddleformers"], default="none")
     parser.set_defaults(run=run)
@@ -122,6 +125,7 @@ def run(args) -> None:
         "kv_cache_gib": args.kv_cache_gib,
         "max_num_seqs": max(levels),
         "max_model_len": max(args.input_len + args.output_len, 256),
+        "expert_parallel": args.expert_parallel,
     }
     llm = LLM.from_config(
         [
@@ -138,6 +142,7 @@ def run(args) -> None:
         result = {
             "engine": "fdkit",
             "tp": args.tp,
+            "expert_parallel": args.expert_parallel,
             "concurrency": concurrency,
             "input_len": args.input_len,
             "output_len": args.output_len,

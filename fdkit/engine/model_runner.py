@@ -17,6 +17,7 @@ from fdkit.engine.sequence import Sequence
 from fdkit.models import model_module
 from fdkit.models.layers import AttentionBatch
 from fdkit.models.loader import load_weights
+from fdkit.parallel import set_expert_parallel
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ class ModelRunner:
         self.num_blocks = self._num_kv_blocks()
         paddle.set_default_dtype(engine_cfg.dtype)
         paddle.seed(engine_cfg.seed)
+        set_expert_parallel(engine_cfg.expert_parallel)
         with paddle.no_grad():
             self.model = self.module.MODEL_CLASS(self.model_config, max_position=self.max_model_len)
             self.model.eval()

@@ -7,11 +7,12 @@ from types import ModuleType
 
 from fdkit.checkpoint import CheckpointError
 
-# architecture name -> module with CONFIG_CLASS, MODEL_CLASS, CHECKPOINT_RULES, weight_shapes and
-# DEFAULT_CHAT_TEMPLATE (see fdkit.models.ernie4_5)
+# architecture name -> module with CONFIG_CLASS, MODEL_CLASS, CHECKPOINT_RULES, weight_shapes,
+# DEFAULT_CHAT_TEMPLATE and optionally UNSUPPORTED_TENSORS (see fdkit.models.ernie4_5, ernie4_5_moe)
 _REGISTRY = {
     "Ernie4_5ForCausalLM": "fdkit.models.ernie4_5",
     "Ernie4_5_ForCausalLM": "fdkit.models.ernie4_5",
+    "Ernie4_5_MoeForCausalLM": "fdkit.models.ernie4_5_moe",
 }
 
 

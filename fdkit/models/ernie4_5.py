@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import paddle
 import paddle.nn.functional as F
 from paddle import nn
@@ -17,6 +17,7 @@ from fdkit.parallel import (
     QKVParallelLinear,
     RowParallelLinear,
     TiedLoader,
+    TransposedLoader,
     VocabParallelEmbedding,
 )
 
@@ -54,28 +55,39 @@ class Ernie4_5Config:
 
     @classmethod
     def from_dict(cls, raw: dict) -> Ernie4_5Config:
-        architectures = raw.get("architectures") or []
-        if raw.get("model_type") not in MODEL_TYPES or not set(architectures) & set(ARCHITECTURES):
-            raise CheckpointError(
-                f"unsupported model: architectures={architectures}, model_type={raw.get('model_type')!r}; "
-                f"fdkit serves ERNIE 4.5 dense models ({', '.join(ARCHITECTURES)}, model_type 'ernie4_5')"
-            )
-        if raw.get("use_bias"):
-            raise CheckpointError("ERNIE 4.5 checkpoints with use_bias=true are not supported")
-        num_heads = raw["num_attention_heads"]
-        return cls(
-            vocab_size=raw["vocab_size"],
-            hidden_size=raw["hidden_size"],
-            intermediate_size=raw["intermediate_size"],
-            num_hidden_layers=raw["num_hidden_layers"],
-            num_attention_heads=num_heads,
-            num_key_value_heads=raw.get("num_key_value_heads") or num_heads,
-            head_dim=raw.get("head_dim") or raw["hidden_size"] // num_heads,
-            rope_theta=float(raw.get("rope_theta", 10000.0)),
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)),
-            max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
+        check_model(raw, ARCHITECTURES, MODEL_TYPES, "ERNIE 4.5 dense models")
+        return cls(**decoder_fields(raw))
+
+
+def check_model(raw: dict, architectures: tuple[str, ...], model_types: tuple[str, ...], what: str) -> None:
+    named = raw.get("architectures") or []
+    if raw.get("model_type") not in model_types or not set(named) & set(architectures):
+        raise CheckpointError(
+            f"unsupported model: architectures={named}, model_type={raw.get('model_type')!r}; "
+            f"fdkit serves {what} ({', '.join(architectures)}, model_type {model_types[0]!r})"
         )
+    if raw.get("use_bias"):
+        raise CheckpointError("ERNIE 4.5 checkpoints with use_bias=true are not supported")
+
+
+def decoder_fields(raw: dict) -> dict:
+    """The fields of `Ernie4_5Config` from a config.json (transformers 5 nests rope_theta in
+    rope_parameters)."""
+    num_heads = raw["num_attention_heads"]
+    rope_theta = raw.get("rope_theta", (raw.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+    return dict(
+        vocab_size=raw["vocab_size"],
+        hidden_size=raw["hidden_size"],
+        intermediate_size=raw["intermediate_size"],
+        num_hidden_layers=raw["num_hidden_layers"],
+        num_attention_heads=num_heads,
+        num_key_value_heads=raw.get("num_key_value_heads") or num_heads,
+        head_dim=raw.get("head_dim") or raw["hidden_size"] // num_heads,
+        rope_theta=float(rope_theta),
+        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)),
+        max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
+    )
 
 
 class Ernie4_5Attention(nn.Layer):
@@ -102,12 +114,15 @@ class Ernie4_5Attention(nn.Layer):
 
 
 class Ernie4_5MLP(nn.Layer):
-    def __init__(self, config: Ernie4_5Config):
+    """SwiGLU. `is_split` / `is_reduced`: see RowParallelLinear (a routed expert's output is summed with
+    the MoE block's other parts before one all-reduce)."""
+
+    def __init__(
+        self, hidden_size: int, intermediate_size: int, is_split: bool = True, is_reduced: bool = True
+    ):
         super().__init__()
-        self.up_gate_proj = ColumnParallelLinear(
-            config.hidden_size, [config.intermediate_size] * 2
-        )  # gate, up
-        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size)
+        self.up_gate_proj = ColumnParallelLinear(hidden_size, [intermediate_size] * 2, is_split)  # gate, up
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, is_split, is_reduced)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         gate, up = self.up_gate_proj(x).chunk(2, axis=-1)
@@ -115,12 +130,12 @@ class Ernie4_5MLP(nn.Layer):
 
 
 class Ernie4_5DecoderLayer(nn.Layer):
-    def __init__(self, config: Ernie4_5Config, rotary: InterleavedRotaryEmbedding):
+    def __init__(self, config: Ernie4_5Config, rotary: InterleavedRotaryEmbedding, mlp: nn.Layer):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Ernie4_5Attention(config, rotary)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = Ernie4_5MLP(config)
+        self.mlp = mlp
 
     def forward(self, rope, hidden, kv_cache, batch: AttentionBatch) -> paddle.Tensor:
         hidden = hidden + self.self_attn(rope, self.input_layernorm(hidden), kv_cache, batch)
@@ -135,10 +150,20 @@ class Ernie4_5ForCausalLM(nn.Layer):
         rotary = self.rotary
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.LayerList(
-            [Ernie4_5DecoderLayer(config, rotary) for _ in range(config.num_hidden_layers)]
+            [Ernie4_5DecoderLayer(config, rotary, self.make_mlp(i)) for i in range(config.num_hidden_layers)]
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
+
+    def make_mlp(self, layer_index: int) -> nn.Layer:
+        return Ernie4_5MLP(self.config.hidden_size, self.config.intermediate_size)
+
+    def checkpoint_rules(self) -> tuple[TensorRule, ...]:
+        return CHECKPOINT_RULES
+
+    def held_weight_shapes(self) -> dict[str, list[tuple[int, ...]]]:
+        """`weight_shapes` of the weights this rank holds."""
+        return weight_shapes(self.config)
 
     @property
     def kv_cache_shape(self) -> tuple[int, int]:
@@ -157,32 +182,25 @@ class Ernie4_5ForCausalLM(nn.Layer):
 
     def weight_specs(self) -> dict[str, tuple[object, list[tuple[int, ...]]]]:
         """Each weight to load (see `weight_shapes`): the layer whose `load` takes its parts, their shapes."""
-        sublayers = dict(self.named_sublayers())
+        sublayers, rules = dict(self.named_sublayers()), self.checkpoint_rules()
         specs = {
-            target: (sublayers[parameter_name(CHECKPOINT_RULES, target).removesuffix(".weight")], shapes)
-            for target, shapes in weight_shapes(self.config).items()
+            target: (sublayers[parameter_name(rules, target).rpartition(".")[0]], shapes)
+            for target, shapes in self.held_weight_shapes().items()
         }
         if self.config.tie_word_embeddings:  # the embedding's tensor fills the LM head too
             specs["embed_tokens"] = (TiedLoader(self.embed_tokens, self.lm_head), specs["embed_tokens"][1])
         else:
-            specs["lm_head"] = (_LMHeadLoader(self.lm_head), specs["lm_head"][1])
+            specs["lm_head"] = (TransposedLoader(self.lm_head), specs["lm_head"][1])
         return specs
 
 
-class _LMHeadLoader:
-    """Loads the LM head from [hidden, vocab], its parameter's orientation (ParallelLMHead.load takes the
-    embedding's [vocab, hidden], so that a tied head can share the embedding's tensor)."""
-
-    def __init__(self, lm_head: ParallelLMHead):
-        self.lm_head = lm_head
-
-    def load(self, parts: list[np.ndarray], name: str) -> None:
-        self.lm_head.load([parts[0].T], name)
+Shapes = dict[str, list[tuple[int, ...]]]
 
 
-def weight_shapes(config: Ernie4_5Config) -> dict[str, list[tuple[int, ...]]]:
+def weight_shapes(config: Ernie4_5Config, layer_mlp_shapes: Callable[[int], Shapes] | None = None) -> Shapes:
     """Each weight the model loads (a rule's target) and the full shapes of its parts, as our parameters
-    hold them: [in, out], the LM head [hidden, vocab]. The order is the order checkpoints are written in."""
+    hold them: [in, out], the LM head [hidden, vocab]. The order is the order checkpoints are written in.
+    `layer_mlp_shapes(i)`: layer i's MLP weights (default: the dense MLP)."""
     c = config
     q_size, kv_size = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
     shapes = {"embed_tokens": [(c.vocab_size, c.hidden_size)], "norm": [(c.hidden_size,)]}
@@ -192,12 +210,21 @@ def weight_shapes(config: Ernie4_5Config) -> dict[str, list[tuple[int, ...]]]:
         shapes |= {
             f"{i}.qkv_proj": [(c.hidden_size, size) for size in (q_size, kv_size, kv_size)],
             f"{i}.o_proj": [(q_size, c.hidden_size)],
-            f"{i}.up_gate_proj": [(c.hidden_size, c.intermediate_size)] * 2,  # gate, up
-            f"{i}.down_proj": [(c.intermediate_size, c.hidden_size)],
+        }
+        shapes |= (layer_mlp_shapes or (lambda i: mlp_shapes(str(i), c.hidden_size, c.intermediate_size)))(i)
+        shapes |= {
             f"{i}.input_layernorm": [(c.hidden_size,)],
             f"{i}.post_attention_layernorm": [(c.hidden_size,)],
         }
     return shapes
+
+
+def mlp_shapes(target: str, hidden_size: int, intermediate_size: int) -> Shapes:
+    """An `Ernie4_5MLP`'s weights; `target` names it ("3" for layer 3's MLP)."""
+    return {
+        f"{target}.up_gate_proj": [(hidden_size, intermediate_size)] * 2,  # gate, up
+        f"{target}.down_proj": [(intermediate_size, hidden_size)],
+    }
 
 
 # The published checkpoint layouts, and the architecture name each one's config.json gives:
@@ -208,67 +235,45 @@ def weight_shapes(config: Ernie4_5Config) -> dict[str, list[tuple[int, ...]]]:
 LAYOUT_ARCHITECTURES = {"paddle": "Ernie4_5_ForCausalLM", "pt": "Ernie4_5ForCausalLM"}
 
 
-def _rule(
-    target: str, parameter: str, paddle: str, pt: str | list[str], is_pt_transposed: bool = True
+def rule(
+    target: str, parameter: str, pt_parts: list[str] | None = None, is_pt_transposed: bool = True
 ) -> TensorRule:
-    """One weight: -Paddle's tensor, and -PT's tensor or tensors (then the parts, in order)."""
-    pt_names = (pt,) if isinstance(pt, str) else tuple(pt)
+    """One weight, in our model `parameter`: in -Paddle "ernie." + that name; in -PT "model." + that name,
+    or one tensor per part, named "model." + each of `pt_parts` (in order)."""
+    pt_names = tuple(f"model.{name}" for name in (pt_parts or [parameter]))
     transposed_in = ("pt",) if is_pt_transposed else ()
-    return TensorRule(target, parameter, {"paddle": (paddle,), "pt": pt_names}, transposed_in)
+    return TensorRule(target, parameter, {"paddle": (f"ernie.{parameter}",), "pt": pt_names}, transposed_in)
 
 
-# target (see weight_shapes), our parameter, its -Paddle tensor, its -PT tensor(s); {i} is a layer index.
+def mlp_rules(target: str, path: str) -> tuple[TensorRule, TensorRule]:
+    """An `Ernie4_5MLP` at `path` in our model: gate|up fused in -Paddle, gate_proj and up_proj in -PT."""
+    return (
+        rule(
+            f"{target}.up_gate_proj",
+            f"{path}.up_gate_proj.weight",
+            [f"{path}.{x}_proj.weight" for x in ("gate", "up")],
+        ),
+        rule(f"{target}.down_proj", f"{path}.down_proj.weight"),
+    )
+
+
+# target (see weight_shapes), our parameter, and how the layouts store it; {i} is a layer index.
 CHECKPOINT_RULES = (
-    _rule(
-        "embed_tokens",
-        "embed_tokens.weight",
-        "ernie.embed_tokens.weight",
-        "model.embed_tokens.weight",
-        is_pt_transposed=False,
+    rule("embed_tokens", "embed_tokens.weight", is_pt_transposed=False),
+    rule("norm", "norm.weight", is_pt_transposed=False),
+    TensorRule(
+        "lm_head", "lm_head.weight", {"paddle": ("lm_head.weight",), "pt": ("lm_head.weight",)}, ("pt",)
     ),
-    _rule("norm", "norm.weight", "ernie.norm.weight", "model.norm.weight", is_pt_transposed=False),
-    _rule("lm_head", "lm_head.weight", "lm_head.weight", "lm_head.weight"),
-    _rule(
+    rule(
         "{i}.qkv_proj",
         "layers.{i}.self_attn.qkv_proj.weight",
-        "ernie.layers.{i}.self_attn.qkv_proj.weight",
-        [
-            "model.layers.{i}.self_attn.q_proj.weight",
-            "model.layers.{i}.self_attn.k_proj.weight",
-            "model.layers.{i}.self_attn.v_proj.weight",
-        ],
+        [f"layers.{{i}}.self_attn.{x}_proj.weight" for x in ("q", "k", "v")],
     ),
-    _rule(
-        "{i}.o_proj",
-        "layers.{i}.self_attn.o_proj.weight",
-        "ernie.layers.{i}.self_attn.o_proj.weight",
-        "model.layers.{i}.self_attn.o_proj.weight",
-    ),
-    _rule(
-        "{i}.up_gate_proj",
-        "layers.{i}.mlp.up_gate_proj.weight",
-        "ernie.layers.{i}.mlp.up_gate_proj.weight",
-        ["model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight"],
-    ),
-    _rule(
-        "{i}.down_proj",
-        "layers.{i}.mlp.down_proj.weight",
-        "ernie.layers.{i}.mlp.down_proj.weight",
-        "model.layers.{i}.mlp.down_proj.weight",
-    ),
-    _rule(
-        "{i}.input_layernorm",
-        "layers.{i}.input_layernorm.weight",
-        "ernie.layers.{i}.input_layernorm.weight",
-        "model.layers.{i}.input_layernorm.weight",
-        is_pt_transposed=False,
-    ),
-    _rule(
-        "{i}.post_attention_layernorm",
-        "layers.{i}.post_attention_layernorm.weight",
-        "ernie.layers.{i}.post_attention_layernorm.weight",
-        "model.layers.{i}.post_attention_layernorm.weight",
-        is_pt_transposed=False,
+    rule("{i}.o_proj", "layers.{i}.self_attn.o_proj.weight"),
+    *mlp_rules("{i}", "layers.{i}.mlp"),
+    rule("{i}.input_layernorm", "layers.{i}.input_layernorm.weight", is_pt_transposed=False),
+    rule(
+        "{i}.post_attention_layernorm", "layers.{i}.post_attention_layernorm.weight", is_pt_transposed=False
     ),
 )
 

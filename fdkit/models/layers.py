@@ -1,7 +1,9 @@
-"""Model building blocks shared by decoder-only models: RMSNorm, rotary embedding, paged attention."""
+"""Model building blocks shared by decoder-only models: RMSNorm, rotary embedding, paged attention,
+grouped routed experts."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -9,7 +11,7 @@ import paddle
 import paddle.nn.functional as F
 from paddle import nn
 
-from fdkit.parallel import assign
+from fdkit.parallel import assign, held_experts
 
 
 class RMSNorm(nn.Layer):
@@ -128,3 +130,39 @@ class PagedAttention(nn.Layer):
         b, lk = slots.shape
         gathered = paddle.gather(cache, slots.flatten()).reshape([b, lk, self.num_kv_heads, self.head_dim])
         return gathered.transpose([0, 2, 1, 3])  # [b, kvh, lk, d]
+
+
+class RoutedExperts(nn.LayerDict):
+    """The routed experts of a MoE block that this rank holds (`held_experts`), by expert id.
+
+    Grouped: the step's token-expert pairs are sorted by expert, and each chosen expert runs once on all
+    of its tokens (on CPU, one small matmul per expert beats gathering every pair's weights).
+    """
+
+    def __init__(self, num_experts: int, make_expert: Callable[[bool], nn.Layer]):
+        """`make_expert(is_split)` builds one expert, split across the ranks or whole."""
+        expert_ids, is_split = held_experts(num_experts)
+        super().__init__({str(e): make_expert(is_split) for e in expert_ids})
+        self.is_held = np.isin(np.arange(num_experts), expert_ids)
+
+    def forward(self, x: paddle.Tensor, weights: paddle.Tensor, expert_ids: paddle.Tensor) -> paddle.Tensor:
+        """x [tokens, hidden]; weights, expert_ids [tokens, k]: each token's experts and their weights.
+        The weighted sum of the outputs of this rank's experts (rows of tokens it serves none of: 0)."""
+        order, experts, counts = self._pairs_by_expert(expert_ids.numpy())
+        out = paddle.zeros_like(x)
+        if len(order) == 0:
+            return out
+        token_ids = paddle.to_tensor(order // expert_ids.shape[1])
+        inputs = paddle.split(paddle.gather(x, token_ids), counts.tolist())
+        outputs = paddle.concat([self[str(e)](h) for e, h in zip(experts, inputs, strict=True)])
+        pair_weights = paddle.gather(weights.reshape([-1]), paddle.to_tensor(order)).astype(x.dtype)
+        return paddle.index_add(out, token_ids, 0, outputs * pair_weights.unsqueeze(-1))
+
+    def _pairs_by_expert(self, expert_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The token-expert pairs (flat indices into expert_ids) of experts this rank holds, sorted by
+        expert; those experts, and how many tokens each has."""
+        pair_experts = expert_ids.reshape(-1)
+        order = np.argsort(pair_experts, kind="stable")
+        order = order[self.is_held[pair_experts[order]]]
+        experts, counts = np.unique(pair_experts[order], return_counts=True)
+        return order, experts, counts

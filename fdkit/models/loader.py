@@ -7,6 +7,7 @@ from pathlib import Path
 from types import ModuleType
 
 import numpy as np
+import paddle
 from paddle import nn
 from tqdm.auto import tqdm
 
@@ -17,8 +18,11 @@ from fdkit.checkpoint import (
     detect_layout,
     fused_shape,
     match_tensor,
+    raise_if_unsupported,
     split_parts,
 )
+from fdkit.models import model_module
+from fdkit.parallel import rank_view
 
 logger = logging.getLogger(__name__)
 
@@ -26,10 +30,12 @@ logger = logging.getLogger(__name__)
 def load_weights(model: nn.Layer, module: ModuleType, folder: Path, show_progress: bool = True) -> None:
     """Reads every tensor once, turns it to our parameters' orientation, keeps this rank's shard.
 
-    `module.CHECKPOINT_RULES` says what each tensor holds, in the layout that names most of them.
+    `module.CHECKPOINT_RULES` says what each tensor holds, in the layout that names most of them;
+    tensors no rule names are skipped, those `module.UNSUPPORTED_TENSORS` names are an error.
     """
     reader = CheckpointReader(folder)
     rules, names = module.CHECKPOINT_RULES, reader.names()
+    raise_if_unsupported(folder, getattr(module, "UNSUPPORTED_TENSORS", {}), names)
     layout = detect_layout(rules, names)
     filler = _WeightFiller(model.weight_specs())
     for name in tqdm(names, desc="Loading weights", unit="tensor", disable=not show_progress):
@@ -40,6 +46,19 @@ def load_weights(model: nn.Layer, module: ModuleType, folder: Path, show_progres
         array = reader.get(name)
         filler.add(name, match, array.T if match.is_transposed else array)
     filler.raise_if_incomplete(folder)
+
+
+def rank_parameter_shapes(
+    raw_config: dict, world_size: int = 1, expert_parallel: bool = False
+) -> dict[str, tuple[int, ...]]:
+    """Each parameter of the model as one rank of `world_size` holds it, from config.json alone (nothing
+    is allocated). Every rank holds the same shapes. All are in the engine's dtype but MoE routers'
+    `mlp.gate.weight` and `e_score_correction_bias`, which are float32."""
+    module = model_module(raw_config)
+    config = module.CONFIG_CLASS.from_dict(raw_config)
+    with rank_view(world_size, expert_parallel), paddle.LazyGuard():
+        model = module.MODEL_CLASS(config, max_position=1)
+    return {name: tuple(param.shape) for name, param in model.named_parameters()}
 
 
 class _WeightFiller:
