@@ -55,7 +55,7 @@ def configure_logging() -> None:
 def build_engine(cfg: FdkitConfig, on_fatal=None) -> AsyncLLM:
     """The engine in its own process (a crash there cannot take the server down), supervised."""
     from fdkit.engine.async_engine import AsyncLLM
-    from fdkit.engine.llm import LLM
+    from fdkit.llm import LLM
 
     return AsyncLLM(LLM(config=cfg, in_process=False), on_fatal=on_fatal)
 

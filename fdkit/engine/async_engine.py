@@ -13,10 +13,10 @@ import asyncio
 import weakref
 from collections.abc import AsyncIterator, Callable
 
-from fdkit.engine.llm import LLM, Prompt
 from fdkit.engine.llm_engine import EngineDeadError, RequestFailedError, RequestOutput
 from fdkit.engine.sequence import SamplingParams, Sequence
 from fdkit.engine.supervisor import EngineObserver, EngineSupervisor, Listeners, RestartPolicy
+from fdkit.llm import LLM, Prompt
 
 __all__ = ["AsyncLLM", "EngineDeadError", "EngineObserver", "RequestFailedError"]
 

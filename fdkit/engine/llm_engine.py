@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fdkit.config import resolve_path
 from fdkit.engine.kv_cache import BlockManager
 from fdkit.engine.scheduler import Scheduler, SchedulerConfig
 from fdkit.engine.sequence import Sequence
@@ -218,15 +217,6 @@ def _output(seq: Sequence) -> RequestOutput:
             "num_preemptions": seq.num_preemptions,
         },
     )
-
-
-def checkpoint_folder(path: str | Path) -> Path:
-    folder = resolve_path(path)
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"model folder not found: {folder} (set model.path=... to an ERNIE 4.5 checkpoint)"
-        )
-    return folder
 
 
 def load_tokenizer(model_path: Path) -> Tokenizer:

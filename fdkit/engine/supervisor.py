@@ -11,9 +11,9 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from fdkit.engine.llm import LLM
 from fdkit.engine.llm_engine import EngineDeadError, RequestFailedError, RequestOutput
 from fdkit.engine.sequence import Sequence
+from fdkit.llm import LLM
 
 logger = logging.getLogger(__name__)
 HEALTH_POLL_S = 0.1  # how often an idle engine checks that its processes live

@@ -1,4 +1,5 @@
-"""`LLM`: the engine's front for notebooks and the server. Before any engine exists it finds the model
+"""`LLM`: the engine's front for notebooks and the server (outside the engine package: it may download
+a model, and the engine never writes files). Before any engine exists it finds the model
 (a folder, or a hub id it may download: fdkit/hub.py) and plans its memory (fdkit/engine/memory.py:
 a config that cannot fit is refused here, and the plan sizes the KV cache for every rank). It tokenizes
 and validates requests, and drives an engine core built by `build_engine`: in this process (tp=1) or
