@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import httpx
 import pytest
@@ -21,13 +22,15 @@ THINKING_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n<think>\\n' -}}{%- endif -%}"
 )
 MESSAGES = [{"role": "user", "content": "What is 2+2?"}]
+# A tiny Ernie4_5_MoeForCausalLM in the -PT layout (the Thinking model's), written by transformers.
+TINY_MOE = Path(__file__).parent / "data" / "moe_reference" / "tiny_moe_pt"
 
 
 @pytest.fixture(scope="module")
-def thinking_checkpoint(tiny_paddle, tmp_path_factory):
-    """A tiny checkpoint with the Thinking model's template, saved as transformers saves one now."""
+def thinking_checkpoint(tmp_path_factory):
+    """A tiny MoE checkpoint with the Thinking model's template, saved as transformers saves one now."""
     folder = tmp_path_factory.mktemp("thinking") / "ERNIE-4.5-21B-A3B-Thinking"
-    shutil.copytree(tiny_paddle, folder)
+    shutil.copytree(TINY_MOE, folder)
     (folder / "chat_template.jinja").write_text(THINKING_TEMPLATE)
     return folder
 
