@@ -8,7 +8,7 @@ error event, then stops and exits 0. A second signal stops at once. An engine th
 
 A server that cannot start as configured says why in one line and exits with status 1, before any
 weight is read: a port in use, a model that is not there, a config the memory plan refuses (too big,
-a dtype the device cannot run, a tp that does not divide the heads), a checkpoint fdkit cannot load.
+a dtype the device cannot run), a checkpoint fdkit cannot load.
 Anything else is a bug and keeps its traceback.
 """
 

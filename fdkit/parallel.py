@@ -3,7 +3,8 @@
 Paddle's `Linear.weight` is [in, out]: a column split is axis 1, a row split axis 0. Loaders take full
 tensors in that orientation and keep only this rank's slice.
 
-Routed experts (`held_experts`) are split like any MLP, or, with expert parallelism, spread whole.
+Attention heads (`head_shard`) split over any number of ranks, evenly or not; routed experts
+(`held_experts`) are split like any MLP, or, with expert parallelism, spread whole.
 """
 
 from __future__ import annotations
@@ -103,6 +104,12 @@ def _zeros_param(layer: nn.Layer, shape: list[int]) -> paddle.Tensor:
     return layer.create_parameter(shape, default_initializer=nn.initializer.Constant(0.0))
 
 
+def _split_size(size: int, num_shards: int) -> int:
+    if size % num_shards:
+        raise ValueError(f"{size} features do not split evenly over {num_shards} ranks")
+    return size // num_shards
+
+
 class ColumnParallelLinear(nn.Layer):
     """y = x W with W's output features split across ranks (axis 1); outputs stay sharded.
     `is_split=False`: every rank holds W whole."""
@@ -110,7 +117,7 @@ class ColumnParallelLinear(nn.Layer):
     def __init__(self, in_features: int, out_sizes: list[int], is_split: bool = True):
         super().__init__()
         self.num_shards = _state.world_size if is_split else 1
-        self.out_sizes = [size // self.num_shards for size in out_sizes]
+        self.out_sizes = [_split_size(size, self.num_shards) for size in out_sizes]
         self.weight = _zeros_param(self, [in_features, sum(self.out_sizes)])
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
@@ -122,27 +129,58 @@ class ColumnParallelLinear(nn.Layer):
         assign(self.weight, np.concatenate(sliced, axis=1), name)
 
 
+@dataclass(frozen=True)
+class HeadShard:
+    """The attention heads one rank holds (see `head_shard`)."""
+
+    heads: range  # the query heads it computes
+    kv_heads: range  # the KV heads they read
+    kv_head_index: tuple[int, ...]  # the local KV head each local query head reads
+    holds_output: bool  # o_proj's rows of its heads (else zeros: another rank holding them adds them)
+
+
+def head_shard(
+    num_heads: int, num_kv_heads: int, rank: int | None = None, world_size: int | None = None
+) -> HeadShard:
+    """The heads of rank `rank` of `world_size` (default: this rank's). At least as many heads as ranks:
+    a contiguous range each, the sizes differing by at most one (20 over 8: 3,3,3,3,2,2,2,2). Fewer:
+    one each, head rank * num_heads // world_size, whose output rows only the first of its ranks holds,
+    so the one all-reduce after attention adds each head once. KV heads: those its heads read (groups
+    of num_heads // num_kv_heads consecutive query heads share one), possibly two on a group boundary."""
+    rank = _state.rank if rank is None else rank
+    world_size = _state.world_size if world_size is None else world_size
+    if num_heads >= world_size:
+        base, extra = divmod(num_heads, world_size)
+        start = rank * base + min(rank, extra)
+        heads, holds_output = range(start, start + base + (rank < extra)), True
+    else:
+        head = rank * num_heads // world_size
+        heads = range(head, head + 1)
+        holds_output = rank == 0 or (rank - 1) * num_heads // world_size != head
+    group = num_heads // num_kv_heads
+    kv_heads = range(heads.start // group, (heads.stop - 1) // group + 1)
+    return HeadShard(heads, kv_heads, tuple(h // group - kv_heads.start for h in heads), holds_output)
+
+
+def head_slice(array: np.ndarray, heads: range, head_dim: int, axis: int) -> np.ndarray:
+    """The entries of `heads` along `axis`, where head h has entries h * head_dim .. (h + 1) * head_dim."""
+    return np.take(array, np.arange(heads.start * head_dim, heads.stop * head_dim), axis=axis)
+
+
 class QKVParallelLinear(ColumnParallelLinear):
-    """Query, key and value projections fused; heads split across ranks, KV heads replicated when
-    there are fewer of them than ranks."""
+    """Query, key and value projections fused: the columns of this rank's heads (`head_shard`)."""
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int):
-        world_size = _state.world_size
-        assert num_heads % world_size == 0, (
-            f"{num_heads} attention heads do not split over {world_size} ranks"
-        )
-        self.num_kv_replicas = max(1, world_size // num_kv_heads)
-        self.num_local_kv_heads = max(1, num_kv_heads // world_size)
+        self.heads = head_shard(num_heads, num_kv_heads)
         self.head_dim = head_dim
-        local_kv = self.num_local_kv_heads * head_dim * world_size
-        super().__init__(hidden_size, [num_heads * head_dim, local_kv, local_kv])
+        q_size, kv_size = len(self.heads.heads) * head_dim, len(self.heads.kv_heads) * head_dim
+        super().__init__(hidden_size, [q_size, kv_size, kv_size], is_split=False)
 
     def load(self, parts: list[np.ndarray], name: str) -> None:
         q, k, v = parts
-        kv_index = _state.rank // self.num_kv_replicas
-        num_kv_shards = _state.world_size // self.num_kv_replicas
-        k, v = (shard(t, axis=1, num_shards=num_kv_shards, index=kv_index) for t in (k, v))
-        assign(self.weight, np.concatenate([shard(q, axis=1), k, v], axis=1), name)
+        heads, kv_heads, d = self.heads.heads, self.heads.kv_heads, self.head_dim
+        k, v = (head_slice(t, kv_heads, d, axis=1) for t in (k, v))
+        assign(self.weight, np.concatenate([head_slice(q, heads, d, axis=1), k, v], axis=1), name)
 
 
 class RowParallelLinear(nn.Layer):
@@ -154,7 +192,7 @@ class RowParallelLinear(nn.Layer):
         super().__init__()
         self.num_shards = _state.world_size if is_split else 1
         self.is_reduced = is_reduced
-        self.weight = _zeros_param(self, [in_features // self.num_shards, out_features])
+        self.weight = _zeros_param(self, [_split_size(in_features, self.num_shards), out_features])
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         out = paddle.matmul(x, self.weight)
@@ -162,6 +200,19 @@ class RowParallelLinear(nn.Layer):
 
     def load(self, parts: list[np.ndarray], name: str) -> None:
         assign(self.weight, shard(parts[0], axis=0, num_shards=self.num_shards), name)
+
+
+class OutputParallelLinear(RowParallelLinear):
+    """Attention's output projection: the input rows of this rank's query heads (`HeadShard`); zeros
+    on a rank that does not hold its heads' output."""
+
+    def __init__(self, heads: HeadShard, head_dim: int, out_features: int):
+        super().__init__(len(heads.heads) * head_dim, out_features, is_split=False)
+        self.heads, self.head_dim = heads, head_dim
+
+    def load(self, parts: list[np.ndarray], name: str) -> None:
+        rows = head_slice(parts[0], self.heads.heads, self.head_dim, axis=0)
+        assign(self.weight, rows if self.heads.holds_output else np.zeros_like(rows), name)
 
 
 class VocabParallelEmbedding(nn.Layer):

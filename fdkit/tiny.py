@@ -2,9 +2,9 @@
 
     python -m fdkit.tiny OUT [--preset NAME] [--layout paddle|pt] [--seed N]
 
-Presets: `tiny` and `tiny-moe` load in well under a second (tests); `0.3b` has ERNIE-4.5-0.3B's dimensions,
-`small-moe` ERNIE-4.5-21B-A3B's proportions at a size this machine runs quickly, and `small-dense` the
-same active parameters as `small-moe` in a dense model (benchmarks).
+Presets: `tiny`, `tiny-moe` and `tiny-20h` load in well under a second (tests); `0.3b` has
+ERNIE-4.5-0.3B's dimensions, `small-moe` ERNIE-4.5-21B-A3B's proportions at a size this machine runs
+quickly, and `small-dense` the same active parameters as `small-moe` in a dense model (benchmarks).
 The same seed gives the same weights in both layouts, and the same files on every run.
 `ensure_checkpoint` writes one only where none is yet.
 """
@@ -67,6 +67,11 @@ PRESETS["small-moe"] = {
     **dict(num_attention_heads=8, num_key_value_heads=2, head_dim=128, num_shards=4),
     **dict(moe_num_experts=64, moe_k=6, moe_intermediate_size=384, moe_num_shared_experts=2),
     **dict(moe_layer_start_index=1, moe_layer_end_index=5, moe_layer_interval=1, moe_norm_min=1e-12),
+}
+# 20 query heads and 4 KV heads, as ERNIE-4.5-21B-A3B: heads that split unevenly over 3 or 8 ranks (tests).
+PRESETS["tiny-20h"] = {
+    **PRESETS["tiny"],
+    **dict(num_attention_heads=20, num_key_value_heads=4, head_dim=8, intermediate_size=192),
 }
 # small-moe's dense twin: every layer as wide as small-moe's active experts (for step-cost comparisons).
 PRESETS["small-dense"] = {k: v for k, v in PRESETS["small-moe"].items() if not k.startswith("moe_")}

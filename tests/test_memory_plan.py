@@ -63,7 +63,11 @@ def test_21b_in_float32_is_refused_with_what_would_fit(tmp_path):
     message = str(refused.value)
     assert message.startswith("ERNIE-4.5-21B-A3B-Paddle needs 88.4 GB of weights in float32 (+ 0.5 GB KV")
     assert "but this host has 22.1 GB available; it would fit on a host with 91.0 GB" in message
-    assert "on GPUs in bfloat16 with 44.9 GB each at tp=1, 22.7 GB each at tp=2 or 11.6 GB" in message
+    assert (
+        "on GPUs in bfloat16 with 44.9 GB each at tp=1, 22.7 GB each at tp=2, 11.6 GB each at tp=4 or "
+        in message
+    )
+    assert message.endswith("6.1 GB each at tp=8")  # 20 heads need not split evenly
     assert "\n" not in message
     with pytest.raises(PlanError, match=r"needs 44\.2 GB of weights in bfloat16"):
         plan(folder, "engine.dtype=bfloat16")
@@ -121,14 +125,22 @@ def test_kv_cache_too_small_for_max_model_len(tmp_path):
         plan(folder, "engine.num_kv_blocks=8")
 
 
-def test_dtype_and_tp_the_machine_cannot_run(tmp_path):
+def test_dtype_and_batch_limits_the_machine_cannot_run(tmp_path):
     folder = config_only(tmp_path, "m", model_config(PRESETS["tiny"], "paddle"))
     with pytest.raises(PlanError, match="bfloat16 cannot run on CPU: paddle 3.3.1 has no CPU matmul kernel"):
         plan(folder, "engine.dtype=bfloat16")
-    with pytest.raises(PlanError, match="tp=8 does not divide the 4 attention heads of m: use tp=1, 2, 4"):
-        plan(folder, "tp=8")
     with pytest.raises(PlanError, match=r"max_num_batched_tokens \(2048\) must be at least max_model_len"):
         plan(folder, "engine.max_num_batched_tokens=2048")
+
+
+@needs_moe
+@pytest.mark.parametrize(("tp", "kv_heads"), [(1, 4), (2, 2), (3, 2), (4, 1), (8, 2), (32, 1)])
+def test_any_tp_with_the_kv_heads_its_ranks_hold(tmp_path, tp, kv_heads):
+    """21B-A3B's 20 heads in groups of 5 per KV head: at tp=8 (3,3,3,3,2,2,2,2) rank 1 holds heads 3-5,
+    which read KV heads 0 and 1; the plan counts the most any rank holds."""
+    folder = config_only(tmp_path, "a3b", A3B)
+    planned = plan(folder, f"tp={tp}", "engine.device=gpu", "engine.dtype=bfloat16", available=80 * GB)
+    assert planned.block_bytes == 2 * 28 * kv_heads * 128 * 64 * 2
 
 
 def test_default_server_fits(tmp_path):

@@ -119,6 +119,15 @@ def test_tensor_and_expert_parallel_match_tp1(expert_parallel, reference_paddle,
     assert [o.token_ids for o in got] == [o.token_ids for o in tp1.generate(prompts, GREEDY, use_tqdm=False)]
 
 
+@pytest.mark.slow
+def test_more_ranks_than_heads_match_the_reference(prompts, reference):
+    """The issue's launch: ERNIE-4.5-21B-A3B's config at tp=8, on a checkpoint of 4 heads (2 KV heads)."""
+    overrides = ["model=ernie_21b_a3b", f"model.path={REFERENCE / 'tiny_moe_pt'}", "tp=8"]
+    with LLM.from_config(overrides + [f"engine.{k}={v}" for k, v in TEST_ENGINE.items()]) as tp8:
+        got = tp8.generate(prompts, GREEDY, use_tqdm=False)
+    assert [o.token_ids for o in got] == [reference[f"greedy_{p}"].tolist() for p in range(NUM_PROMPTS)]
+
+
 def rank_model(folder: Path, rank: int, expert_parallel: bool):
     """Rank `rank` of 2, built and loaded in this process (no collectives run)."""
     config = ernie4_5_moe.CONFIG_CLASS.from_dict(read_config(folder))
@@ -152,6 +161,13 @@ def test_rank_parameter_shapes():
     assert tp4["layers.1.mlp.experts.7.up_gate_proj.weight"] == (64, 16)  # gate and up: 8 columns each
     assert tp4["layers.0.self_attn.qkv_proj.weight"] == (64, 16 + 2 * 16)  # 1 query head; KV heads replicated
     assert tp4["layers.1.mlp.gate.weight"] == (64, 8)
+    for rank in (0, 7):  # 4 heads over 8 ranks: one query head and its KV head each
+        tp8 = rank_parameter_shapes(raw, world_size=8, rank=rank)
+        assert tp8["layers.0.self_attn.qkv_proj.weight"] == (64, 3 * 16)
+        assert tp8["layers.0.self_attn.o_proj.weight"] == (16, 64)
+    uneven = raw | {"num_attention_heads": 20, "num_key_value_heads": 4, "head_dim": 8}
+    qkv = [rank_parameter_shapes(uneven, 8, rank=r)["layers.0.self_attn.qkv_proj.weight"] for r in (0, 1, 7)]
+    assert qkv == [(64, 8 * (3 + 1 + 1)), (64, 8 * (3 + 2 + 2)), (64, 8 * (2 + 1 + 1))]
     ep = rank_parameter_shapes(raw, world_size=4, expert_parallel=True)
     assert [name for name in ep if name.endswith("down_proj.weight") and ".1.mlp.experts." in name] == [
         "layers.1.mlp.experts.0.down_proj.weight",

@@ -2,13 +2,14 @@
 what the machine has, and how many KV blocks to allocate. A config that cannot fit is refused at once,
 with the numbers and where it would fit, instead of being OOM-killed halfway through loading.
 
-Estimates per rank (GB = 10**9 bytes), within a few % (replicated KV heads and the MoE gate count as
-split): weights from the model module's `weight_shapes` (and a tied LM head's own copy), 1-D tensors
-replicated and the rest split by tp; KV cache 2 * layers * kv_heads_per_rank * head_dim * block_size *
-dtype bytes per block; runtime RUNTIME_BYTES, plus on CPU what loading takes beyond the KV cache (which
-is allocated after it): twice the largest tensor in float32, read whole, then sliced. On CPU the ranks
-of one host share its available RAM (psutil); on GPU each rank has one device's memory (paddle's device
-properties: not tested here, no GPU).
+Estimates per rank (GB = 10**9 bytes), within a few % (attention heads that split unevenly or are
+replicated, and the MoE gate, count as split): weights from the model module's `weight_shapes` (and a
+tied LM head's own copy), 1-D tensors replicated and the rest split by tp; KV cache 2 * layers *
+kv_heads_per_rank * head_dim * block_size * dtype bytes per block, kv_heads_per_rank the most any rank
+holds (fdkit.parallel.head_shard); runtime RUNTIME_BYTES, plus on CPU what loading takes beyond the KV
+cache (which is allocated after it): twice the largest tensor in float32, read whole, then sliced. On
+CPU the ranks of one host share its available RAM (psutil); on GPU each rank has one device's memory
+(paddle's device properties: not tested here, no GPU).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ SUGGESTED_TP = (1, 2, 4, 8)
 
 
 class PlanError(CheckpointError):
-    """A config this machine cannot run (memory, dtype, tp), found before any weight is read."""
+    """A config this machine cannot run (memory, dtype, batch limits), found before any weight is read."""
 
 
 @dataclass
@@ -66,7 +67,9 @@ class ModelFootprint:
         return elements * DTYPE_BYTES[dtype]
 
     def block_bytes(self, tp: int, dtype: str, block_size: int) -> int:
-        kv_heads = max(1, self.num_kv_heads // tp)
+        from fdkit.parallel import head_shard  # imports paddle: `import fdkit` does not
+
+        kv_heads = max(len(head_shard(self.num_heads, self.num_kv_heads, r, tp).kv_heads) for r in range(tp))
         return 2 * self.num_layers * kv_heads * self.head_dim * block_size * DTYPE_BYTES[dtype]
 
     def loading_bytes(self, device: str) -> int:
@@ -76,9 +79,6 @@ class ModelFootprint:
     def rank_bytes(self, tp: int, dtype: str, block_size: int, num_blocks: int, device: str) -> int:
         kv = num_blocks * self.block_bytes(tp, dtype, block_size)
         return self.weight_bytes(tp, dtype) + RUNTIME_BYTES + max(kv, self.loading_bytes(device))
-
-    def valid_tp(self) -> list[int]:
-        return [tp for tp in SUGGESTED_TP if self.num_heads % tp == 0]
 
 
 @dataclass
@@ -213,7 +213,7 @@ def _advice(plan: MemoryPlan, num_blocks: int) -> str:
     def on_gpus(dtype: str) -> str:
         sizes = [
             f"{gb(model.rank_bytes(tp, dtype, plan.block_size, num_blocks, 'gpu'))} each at tp={tp}"
-            for tp in model.valid_tp()
+            for tp in SUGGESTED_TP
         ]
         return f"on GPUs in {dtype} with " + ", ".join(sizes[:-1]) + f" or {sizes[-1]}"
 
@@ -233,12 +233,6 @@ def _check_runnable(plan: MemoryPlan, max_num_batched_tokens: int | None) -> Non
             f"engine.dtype={plan.dtype} cannot run on CPU: paddle {version('paddlepaddle')} has no CPU "
             "matmul kernel for it; use engine.dtype=float32 (--dtype float32), or a GPU build of paddle "
             "with engine.device=gpu"
-        )
-    if plan.model.num_heads % plan.tp:
-        choices = ", ".join(str(tp) for tp in plan.model.valid_tp())
-        raise PlanError(
-            f"tp={plan.tp} does not divide the {plan.model.num_heads} attention heads of "
-            f"{plan.model.name}: use tp={choices}"
         )
     if max_num_batched_tokens and max_num_batched_tokens < plan.max_model_len:
         raise PlanError(

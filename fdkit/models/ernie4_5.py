@@ -13,6 +13,7 @@ from fdkit.checkpoint import CheckpointError, TensorRule, parameter_name
 from fdkit.models.layers import AttentionBatch, InterleavedRotaryEmbedding, PagedAttention, RMSNorm
 from fdkit.parallel import (
     ColumnParallelLinear,
+    OutputParallelLinear,
     ParallelLMHead,
     QKVParallelLinear,
     RowParallelLinear,
@@ -97,11 +98,11 @@ class Ernie4_5Attention(nn.Layer):
         self.qkv_proj = QKVParallelLinear(
             c.hidden_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads
         )
-        self.num_heads = self.qkv_proj.out_sizes[0] // c.head_dim
-        self.num_kv_heads = self.qkv_proj.num_local_kv_heads
-        self.o_proj = RowParallelLinear(c.num_attention_heads * c.head_dim, c.hidden_size)
+        heads = self.qkv_proj.heads  # the heads this layer holds
+        self.num_heads, self.num_kv_heads = len(heads.heads), len(heads.kv_heads)
+        self.o_proj = OutputParallelLinear(heads, c.head_dim, c.hidden_size)
         self.rotary = rotary
-        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, c.head_dim)
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, c.head_dim, heads.kv_head_index)
 
     def forward(self, rope, hidden, kv_cache, batch: AttentionBatch) -> paddle.Tensor:
         q, k, v = paddle.split(self.qkv_proj(hidden), self.qkv_proj.out_sizes, axis=-1)

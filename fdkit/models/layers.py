@@ -3,7 +3,7 @@ grouped routed experts."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -93,38 +93,56 @@ class AttentionBatch:
 class PagedAttention(nn.Layer):
     """Writes new keys/values into the cache, then attends over each sequence's cached keys.
 
-    Queries of a KV group share its keys without copying them (grouped-query attention).
+    Grouped-query attention: `kv_head_index` gives the KV head each query head reads. When each KV head
+    serves an equal run of consecutive query heads (default), they share its keys without copying them;
+    otherwise each query head's keys and values are gathered first.
     """
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int):
+    def __init__(
+        self, num_heads: int, num_kv_heads: int, head_dim: int, kv_head_index: Sequence[int] | None = None
+    ):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim**-0.5
+        grouped = [h * num_kv_heads // num_heads for h in range(num_heads)]
+        if kv_head_index is None or (num_heads % num_kv_heads == 0 and list(kv_head_index) == grouped):
+            self.kv_head_index, self.num_groups = None, num_kv_heads  # query groups attending together
+        else:
+            index = paddle.to_tensor(list(kv_head_index), dtype="int64")
+            self.register_buffer("kv_head_index", index, persistable=False)
+            self.num_groups = num_heads
 
     def forward(self, q, k, v, k_cache, v_cache, batch: AttentionBatch) -> paddle.Tensor:
         """q: [tokens, heads, d]; k, v: [tokens, kv_heads, d]; caches: [slots, kv_heads, d], or None
         when every row is a whole sequence (training)."""
-        b, lq, g = batch.num_seqs, batch.max_query_len, self.num_heads // self.num_kv_heads
+        b, lq, kvh = batch.num_seqs, batch.max_query_len, self.num_groups
+        g = self.num_heads // kvh
+        keys, values = self._keys_values(k, v, k_cache, v_cache, batch)
+        if batch.query_index is not None:
+            q = paddle.gather(q, batch.query_index)
+        q = q.reshape([b, lq, kvh, g, self.head_dim]).transpose([0, 2, 3, 1, 4])
+        q = q.reshape([b, kvh, g * lq, self.head_dim])
+        scores = paddle.matmul(q, keys, transpose_y=True) * self.scale  # [b, kvh, g*lq, lk]
+        scores = scores.reshape([b, kvh, g, lq, -1])
+        scores = scores + batch.mask_as(scores.shape)
+        probs = F.softmax(scores.astype("float32"), axis=-1).astype(q.dtype)
+        out = paddle.matmul(probs.reshape([b, kvh, g * lq, -1]), values)
+        out = out.reshape([b, kvh, g, lq, self.head_dim]).transpose([0, 3, 1, 2, 4])
+        out = out.reshape([b * lq, self.num_heads * self.head_dim])
+        return out if batch.token_index is None else paddle.gather(out, batch.token_index)
+
+    def _keys_values(self, k, v, k_cache, v_cache, batch: AttentionBatch):
+        """Keys and values [b, groups, lk, d] each query group attends over."""
         if k_cache is None:  # no cache (training): each row attends to its own new tokens
-            keys, values = (
-                t.reshape([b, lq, self.num_kv_heads, self.head_dim]).transpose([0, 2, 1, 3]) for t in (k, v)
-            )
+            shape = [batch.num_seqs, batch.max_query_len, self.num_kv_heads, self.head_dim]
+            keys, values = (t.reshape(shape).transpose([0, 2, 1, 3]) for t in (k, v))
         else:
             k_cache[batch.slot_mapping] = k
             v_cache[batch.slot_mapping] = v
             keys, values = (self._gather(cache, batch.key_slots) for cache in (k_cache, v_cache))
-        if batch.query_index is not None:
-            q = paddle.gather(q, batch.query_index)
-        q = q.reshape([b, lq, self.num_kv_heads, g, self.head_dim]).transpose([0, 2, 3, 1, 4])
-        q = q.reshape([b, self.num_kv_heads, g * lq, self.head_dim])
-        scores = paddle.matmul(q, keys, transpose_y=True) * self.scale  # [b, kvh, g*lq, lk]
-        scores = scores.reshape([b, self.num_kv_heads, g, lq, -1])
-        scores = scores + batch.mask_as(scores.shape)
-        probs = F.softmax(scores.astype("float32"), axis=-1).astype(q.dtype)
-        out = paddle.matmul(probs.reshape([b, self.num_kv_heads, g * lq, -1]), values)
-        out = out.reshape([b, self.num_kv_heads, g, lq, self.head_dim]).transpose([0, 3, 1, 2, 4])
-        out = out.reshape([b * lq, self.num_heads * self.head_dim])
-        return out if batch.token_index is None else paddle.gather(out, batch.token_index)
+        if self.kv_head_index is None:
+            return keys, values
+        return tuple(paddle.index_select(t, self.kv_head_index, axis=1) for t in (keys, values))
 
     def _gather(self, cache: paddle.Tensor, slots: paddle.Tensor) -> paddle.Tensor:
         b, lk = slots.shape

@@ -49,14 +49,15 @@ def load_weights(model: nn.Layer, module: ModuleType, folder: Path, show_progres
 
 
 def rank_parameter_shapes(
-    raw_config: dict, world_size: int = 1, expert_parallel: bool = False
+    raw_config: dict, world_size: int = 1, expert_parallel: bool = False, rank: int = 0
 ) -> dict[str, tuple[int, ...]]:
-    """Each parameter of the model as one rank of `world_size` holds it, from config.json alone (nothing
-    is allocated). Every rank holds the same shapes. All are in the engine's dtype but MoE routers'
-    `mlp.gate.weight` and `e_score_correction_bias`, which are float32."""
+    """Each parameter of the model as rank `rank` of `world_size` holds it, from config.json alone
+    (nothing is allocated). Ranks differ only where the attention heads split unevenly
+    (fdkit.parallel.head_shard). All are in the engine's dtype but MoE routers' `mlp.gate.weight` and
+    `e_score_correction_bias`, which are float32."""
     module = model_module(raw_config)
     config = module.CONFIG_CLASS.from_dict(raw_config)
-    with rank_view(world_size, expert_parallel), paddle.LazyGuard():
+    with rank_view(world_size, expert_parallel, rank), paddle.LazyGuard():
         model = module.MODEL_CLASS(config, max_position=1)
     return {name: tuple(param.shape) for name, param in model.named_parameters()}
 
