@@ -60,10 +60,17 @@ def build_engine(cfg: FdkitConfig, on_fatal=None) -> AsyncLLM:
     return AsyncLLM(LLM(config=cfg, in_process=False), on_fatal=on_fatal)
 
 
+def _loggable(cfg: FdkitConfig) -> str:
+    """The config as YAML, API keys masked."""
+    shown = OmegaConf.structured(cfg)
+    shown.server.api_keys = ["***"] * len(cfg.server.api_keys)
+    return OmegaConf.to_yaml(shown)
+
+
 def run(cfg: DictConfig | FdkitConfig) -> None:
     configure_logging()
     cfg = to_config(cfg)
-    logger.info("resolved config:\n%s", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    logger.info("resolved config:\n%s", _loggable(cfg))
     engine_died = threading.Event()
 
     def on_fatal(reason: str) -> None:

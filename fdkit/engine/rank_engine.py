@@ -24,8 +24,10 @@ import time
 from multiprocessing.connection import Connection, Listener, wait
 from pathlib import Path
 
+from fdkit.checkpoint import CheckpointError
 from fdkit.config import FdkitConfig, to_dict
 from fdkit.engine.llm_engine import EngineDeadError, RequestFailedError, RequestOutput
+from fdkit.engine.rank_messages import DeltaDecoder
 from fdkit.engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
@@ -40,6 +42,7 @@ class RankEngine:
         self.error: str | None = None
         self._closed = False
         self._is_stopped = False
+        self._outputs = DeltaDecoder()
         self.processes, self._conn = start_ranks(config, model_path)
         try:
             info = self._call(("hello",), timeout=config.engine.rank_start_timeout_s)
@@ -65,6 +68,7 @@ class RankEngine:
     def abort(self, request_id: str) -> bool:
         if self.requests.pop(request_id, None) is None:
             return False
+        self._outputs.forget(request_id)
         return self._call(("abort", request_id))
 
     def has_unfinished_requests(self) -> bool:
@@ -76,11 +80,13 @@ class RankEngine:
 
     def step(self) -> list[RequestOutput]:
         try:
-            outputs = self._call(("step",))
+            deltas = self._call(("step",))
         except RequestFailedError as exc:  # rank 0 has aborted them
             for request_id in exc.request_ids:
                 self.requests.pop(request_id, None)
+                self._outputs.forget(request_id)
             raise
+        outputs = [self._outputs.decode(d, self.requests[d.request_id]) for d in deltas]
         for output in outputs:
             if output.finished:
                 self.requests.pop(output.request_id, None)
@@ -126,6 +132,10 @@ class RankEngine:
             self._fail(f"lost rank 0: {exc}")
         if status == "error":
             self._fail(payload)
+        if status == "startup_error":  # rank 0 could not load the model: a clean error, no traceback
+            self.error = payload
+            self._stop_ranks(grace_s=0)
+            raise CheckpointError(payload)
         self._stats = stats[0]
         if status == "failed":  # some requests failed on rank 0, which serves on
             raise RequestFailedError(*payload)
@@ -142,9 +152,12 @@ class RankProcess:
     """One rank, started as `python -m fdkit.engine.rank_worker` (no re-import of the caller's script)."""
 
     def __init__(self, rank: int, args: dict):
-        command = [sys.executable, "-m", "fdkit.engine.rank_worker", json.dumps({**args, "rank": rank})]
+        command = [sys.executable, "-m", "fdkit.engine.rank_worker"]
         self.rank = rank
-        self.popen = subprocess.Popen(command, start_new_session=True)  # own process group
+        # its arguments (the config, the authkey) go through stdin: a command line is public in `ps`
+        self.popen = subprocess.Popen(command, stdin=subprocess.PIPE, start_new_session=True)
+        self.popen.stdin.write(json.dumps({**args, "rank": rank}).encode())
+        self.popen.stdin.close()
         self.pid = self.popen.pid
 
     def is_alive(self) -> bool:
@@ -162,7 +175,7 @@ def start_ranks(config: FdkitConfig, model_path: Path) -> tuple[list[RankProcess
     listener = Listener(("127.0.0.1", 0), authkey=authkey)
     args = {
         "world_size": world_size,
-        "config": to_dict(config),
+        "config": _rank_config(config),
         "model_path": str(model_path),
         "endpoints": [f"{engine.dist_host}:{port}" for port in ports[:world_size]],
         "driver": list(listener.address),
@@ -181,6 +194,13 @@ def start_ranks(config: FdkitConfig, model_path: Path) -> tuple[list[RankProcess
         stop_ranks(processes, grace_s=0)
         raise EngineDeadError("the rank processes did not start (see their output above)")
     return processes, accepted[0]
+
+
+def _rank_config(config: FdkitConfig) -> dict:
+    """The config as ranks get it: without the server's API keys, which they do not need."""
+    values = to_dict(config)
+    values["server"]["api_keys"] = []
+    return values
 
 
 def stop_ranks(processes: list[RankProcess], grace_s: float = 5.0) -> None:

@@ -19,8 +19,10 @@ import traceback
 from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
 
+from fdkit.checkpoint import CheckpointError
 from fdkit.config import FdkitConfig, to_config
 from fdkit.engine.llm_engine import LLMEngine, RequestFailedError, load_tokenizer
+from fdkit.engine.rank_messages import DeltaEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +49,10 @@ def rank_main(args: dict) -> None:
             _serve_rank0(config, model_path, conn, peers)
         else:
             _serve_peer(config, model_path, conn)
+    except CheckpointError as exc:  # the model cannot be loaded as configured: the driver says so
+        with contextlib.suppress(Exception):
+            conn.send(("startup_error", str(exc)))
+        raise SystemExit(1) from exc
     except BaseException:
         with contextlib.suppress(Exception):
             conn.send(("error", f"rank {rank}: {traceback.format_exc()}"))
@@ -125,6 +131,7 @@ def _serve_rank0(config: FdkitConfig, model_path: Path, conn: Connection, peers:
         if status != "ready":
             raise RuntimeError(info)
         ranks.append(info)
+    deltas = DeltaEncoder()
     handlers = {
         "hello": lambda: {
             "max_model_len": engine.max_model_len,
@@ -132,8 +139,8 @@ def _serve_rank0(config: FdkitConfig, model_path: Path, conn: Connection, peers:
             "ranks": ranks,
         },
         "add": engine.add_sequence,
-        "abort": engine.abort,
-        "step": engine.step,
+        "abort": lambda request_id: deltas.forget(request_id) or engine.abort(request_id),
+        "step": lambda: _step(engine, deltas),
     }
     while True:
         message = conn.recv()
@@ -142,6 +149,16 @@ def _serve_rank0(config: FdkitConfig, model_path: Path, conn: Connection, peers:
                 peer.send(("close",))
             return
         conn.send((*_reply(handlers, message), engine.stats))
+
+
+def _step(engine: LLMEngine, deltas: DeltaEncoder) -> list:
+    """A step's outputs as deltas; requests that failed in it are forgotten (they will not return)."""
+    try:
+        return [deltas.encode(out) for out in engine.step()]
+    except RequestFailedError as exc:
+        for request_id in exc.request_ids:
+            deltas.forget(request_id)
+        raise
 
 
 def _reply(handlers: dict, message: tuple) -> tuple[str, object]:
@@ -161,4 +178,4 @@ def _reply(handlers: dict, message: tuple) -> tuple[str, object]:
 
 
 if __name__ == "__main__":
-    rank_main(json.loads(sys.argv[1]))
+    rank_main(json.loads(sys.stdin.read()))

@@ -1,0 +1,70 @@
+"""What rank 0 sends the driver each step: per output only what is new (token ids, logprobs), so a
+step's message stays small however long the requests grow. The driver rebuilds full outputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fdkit.engine.llm_engine import RequestOutput
+from fdkit.engine.sequence import Sequence
+
+
+@dataclass
+class OutputDelta:
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list | None
+    text: str  # the whole text so far (held back and cut as the engine decides)
+    finish_reason: str | None
+    finished: bool
+    num_reasoning_tokens: int
+    metrics: dict = field(default_factory=dict)
+
+
+class DeltaEncoder:
+    """Rank 0's side: remembers how many tokens of each request it has sent."""
+
+    def __init__(self):
+        self._num_sent: dict[str, int] = {}
+
+    def encode(self, out: RequestOutput) -> OutputDelta:
+        start = self._num_sent.get(out.request_id, 0)
+        if out.finished:
+            self.forget(out.request_id)
+        else:
+            self._num_sent[out.request_id] = len(out.token_ids)
+        logprobs = None if out.logprobs is None else out.logprobs[start:]
+        return OutputDelta(
+            out.request_id, out.token_ids[start:], logprobs, out.text, out.finish_reason, out.finished,
+            out.num_reasoning_tokens, out.metrics,
+        )  # fmt: skip
+
+    def forget(self, request_id: str) -> None:
+        self._num_sent.pop(request_id, None)
+
+
+class DeltaDecoder:
+    """The driver's side: accumulates each request's tokens and logprobs into full outputs."""
+
+    def __init__(self):
+        self._token_ids: dict[str, list[int]] = {}
+        self._logprobs: dict[str, list] = {}
+
+    def decode(self, delta: OutputDelta, seq: Sequence) -> RequestOutput:
+        token_ids = self._token_ids.setdefault(delta.request_id, [])
+        token_ids += delta.new_token_ids
+        logprobs = None
+        if delta.new_logprobs is not None:
+            logprobs = self._logprobs.setdefault(delta.request_id, [])
+            logprobs += delta.new_logprobs
+        if delta.finished:
+            self.forget(delta.request_id)
+        return RequestOutput(
+            delta.request_id, seq.prompt, seq.prompt_token_ids, delta.text, list(token_ids),
+            delta.finish_reason, delta.finished, None if logprobs is None else list(logprobs),
+            delta.num_reasoning_tokens, delta.metrics,
+        )  # fmt: skip
+
+    def forget(self, request_id: str) -> None:
+        self._token_ids.pop(request_id, None)
+        self._logprobs.pop(request_id, None)

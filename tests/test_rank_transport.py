@@ -1,0 +1,71 @@
+"""Between the driver and rank 0: small per-step messages, no secrets on a command line, and a model
+that cannot load reported as one clean line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from helpers import TEST_ENGINE
+from server_utils import ROOT
+
+from fdkit import LLM, SamplingParams
+from fdkit.engine.llm_engine import RequestOutput
+from fdkit.engine.rank_messages import DeltaDecoder, DeltaEncoder
+from fdkit.engine.sequence import Sequence
+
+
+def outputs_of_one_request(num_steps: int) -> list[RequestOutput]:
+    """What the engine returns step by step for one request with logprobs, the last one finished."""
+    outputs = []
+    for n in range(1, num_steps + 1):
+        is_last = n == num_steps
+        logprobs = [(-0.5 * i, [(i, -0.5 * i)]) for i in range(n)]
+        out = RequestOutput(
+            "r", "hi", [1, 2], "x" * n, list(range(n)), "length" if is_last else None, is_last
+        )
+        out.logprobs = logprobs
+        outputs.append(out)
+    return outputs
+
+
+def test_deltas_carry_only_what_is_new_and_rebuild_every_output():
+    encoder, decoder = DeltaEncoder(), DeltaDecoder()
+    seq = Sequence([1, 2], SamplingParams())
+    seq.prompt = "hi"
+    for out in outputs_of_one_request(50):
+        delta = encoder.encode(out)
+        assert len(delta.new_token_ids) == 1 and len(delta.new_logprobs) == 1
+        assert decoder.decode(delta, seq) == out
+    assert not encoder._num_sent and not decoder._token_ids  # nothing kept after the finish
+
+
+def test_api_keys_are_not_on_a_rank_command_line(tiny_paddle):
+    overrides = ["model=ernie", f"model.path={tiny_paddle}", "server.api_keys=[sekrit-key-123]"]
+    engine_keys = [f"engine.{k}={v}" for k, v in TEST_ENGINE.items()]
+    with LLM.from_config(overrides + engine_keys) as llm, LLM(config=llm.config, in_process=False) as ranked:
+        pid = ranked.engine.rank_pids[0]
+        command_line = Path(f"/proc/{pid}/cmdline").read_bytes()
+        assert b"fdkit.engine.rank_worker" in command_line and b"sekrit" not in command_line
+        assert b"authkey" not in command_line
+        params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+        assert (
+            ranked.generate("hi", params, use_tqdm=False)[0].token_ids
+            == llm.generate("hi", params, use_tqdm=False)[0].token_ids
+        )
+
+
+def test_a_checkpoint_that_cannot_load_is_one_line(tiny_paddle, tmp_path):
+    folder = tmp_path / "bad"
+    shutil.copytree(tiny_paddle, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "intermediate_size": 128}))
+    command = [sys.executable, "launch.py", "model=ernie", f"model.path={folder}", "server.port=0"]
+    command += ["engine.num_kv_blocks=64", "engine.block_size=16", "engine.max_model_len=512"]
+    out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert "cannot start:" in out.stderr + out.stdout and "shape" in out.stderr + out.stdout
+    assert "Traceback" not in out.stderr + out.stdout
