@@ -85,6 +85,9 @@ class ServerConfig:
     max_stop_strings: int = 16
     max_stop_string_len: int = 256
     max_prompts_per_request: int = 64  # /v1/completions prompts in one request; more get 400
+    # a request's own chat_template runs code of the client's on this server (a template can loop for
+    # long): off by default, as vLLM's --trust-request-chat-template
+    allow_request_chat_template: bool = False
     public_paths: list[str] = field(default_factory=list)  # open without an API key (/health always is)
     strict_model_name: bool = False  # True: a request naming another model gets 404
     reasoning_parser: str | None = None

@@ -97,13 +97,29 @@ class Tokenizer:
         return "".join(parts)
 
     def apply_chat_template(
-        self, messages: list[dict], add_generation_prompt: bool = True, **template_kwargs: Any
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        chat_template: str | None = None,
+        **template_kwargs: Any,
     ) -> str:
-        if not self.chat_template:
+        """Renders `messages` with `chat_template` (the checkpoint's when None) in a jinja sandbox."""
+        source = chat_template or self.chat_template
+        if not source:
             raise ValueError("this tokenizer has no chat_template; pass a prompt instead of messages")
-        template = self._template_env.from_string(self.chat_template)
+        template = self._template_env.from_string(source)
         variables = {**self.special_tokens, **template_kwargs}
         return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+
+    def bad_words_ids(self, words: Iterable[str]) -> list[list[int]]:
+        """Each word's token ids, at the start of a text and after a space (vLLM's two forms), once."""
+        found: list[list[int]] = []
+        for word in words:
+            for text in (word, " " + word.lstrip()) if word.strip() else ():
+                ids = self.encode(text)
+                if ids and ids not in found:
+                    found.append(ids)
+        return found
 
     def decoder(self, skip_special_tokens: bool = True) -> IncrementalDecoder:
         return IncrementalDecoder(self, skip_special_tokens)

@@ -24,7 +24,7 @@ class Sampler:
         params = [seq.params for seq in seqs]
         if any(p.has_penalties for p in params):
             logits = self._apply_penalties(logits, seqs)
-        logits = self._ban_early_stops(logits, seqs)
+        logits = self._ban(logits, seqs)
         greedy = np.array([p.is_greedy for p in params])
         if greedy.all():
             return paddle.argmax(logits, axis=-1).tolist()
@@ -76,18 +76,23 @@ class Sampler:
         logits = logits - column("frequency_penalty") * counts_t
         return logits - column("presence_penalty") * (counts_t > 0).astype("float32")
 
-    def _ban_early_stops(self, logits: paddle.Tensor, seqs: list[Sequence]) -> paddle.Tensor:
-        """No EOS or stop token before min_tokens (ignore_eos does not ban EOS: it only does not stop)."""
-        banned = []
-        for i, seq in enumerate(seqs):
-            if seq.num_completion_tokens < seq.params.min_tokens:
-                ids = [*seq.params.stop_token_ids, *self.eos_token_ids]
-                banned += [(i, t) for t in ids if 0 <= t < logits.shape[1]]
+    def _ban(self, logits: paddle.Tensor, seqs: list[Sequence]) -> paddle.Tensor:
+        """Banned tokens get -inf, the whole batch in one scatter: bad words, and EOS or stop tokens
+        before min_tokens (ignore_eos does not ban EOS: it only does not stop)."""
+        vocab_size = logits.shape[1]
+        banned = [(i, t) for i, seq in enumerate(seqs) for t in self._banned(seq) if 0 <= t < vocab_size]
         if not banned:
             return logits
         rows, cols = zip(*banned, strict=True)
         index = paddle.to_tensor(np.array([rows, cols], dtype=np.int64).T)
         return paddle.scatter_nd_add(logits, index, paddle.full([len(rows)], -np.inf, dtype="float32"))
+
+    def _banned(self, seq: Sequence) -> list[int]:
+        params = seq.params
+        banned = _bad_word_ends(seq) if params.bad_words_token_ids else []
+        if seq.num_completion_tokens < params.min_tokens:
+            banned += [*params.stop_token_ids, *self.eos_token_ids]
+        return banned
 
     def _sample(self, probs: paddle.Tensor, params, uniforms: paddle.Tensor) -> np.ndarray:
         """Inverse-CDF sampling: row i takes the first token whose cumulative probability passes u_i."""
@@ -136,6 +141,16 @@ def _inverse_cdf(probs: paddle.Tensor, uniforms: paddle.Tensor) -> np.ndarray:
     total = cdf[:, -1:]
     index = (cdf < uniforms.unsqueeze(1) * total).astype("int64").sum(axis=-1)
     return np.minimum(index.numpy(), probs.shape[1] - 1)
+
+
+def _bad_word_ends(seq: Sequence) -> list[int]:
+    """The last token of each bad word whose other tokens are the last ones generated (as vLLM does)."""
+    ids, generated = seq.all_token_ids, seq.num_completion_tokens
+    return [
+        word[-1]
+        for word in seq.params.bad_words_token_ids
+        if len(word) - 1 <= generated and ids[len(ids) - len(word) + 1 :] == word[:-1]
+    ]
 
 
 def _in_vocab(token_ids: list[int], vocab_size: int) -> np.ndarray:

@@ -35,11 +35,15 @@ class SamplingParams:
     # After this many tokens of reasoning the engine writes `reasoning_end_token_ids` itself.
     reasoning_max_tokens: int | None = None
     reasoning_end_token_ids: list[int] = field(default_factory=list)
+    # Banned words as token ids: a word's last token is banned when the rest were the last tokens generated.
+    # Flat ids (FastDeploy's form) are one-token words.
+    bad_words_token_ids: list[list[int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = [s for s in self.stop if s]
+        self.bad_words_token_ids = [w if isinstance(w, list) else [w] for w in self.bad_words_token_ids]
         if self.top_k == -1:
             self.top_k = 0
         for problem in self._problems():
@@ -67,6 +71,8 @@ class SamplingParams:
             yield f"logprobs must be in [0, 20], got {self.logprobs}"
         if self.reasoning_max_tokens is not None and self.reasoning_max_tokens < 1:
             yield f"reasoning_max_tokens must be at least 1, got {self.reasoning_max_tokens}"
+        if not all(word and all(t >= 0 for t in word) for word in self.bad_words_token_ids):
+            yield "bad_words_token_ids must be non-empty lists of token ids >= 0"
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             yield f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"
 

@@ -92,7 +92,7 @@ def _types_in(annotation) -> list[type[BaseModel]]:
 
 
 _FIELD_NAMES: set[str] = set()
-for _model in (P.ChatCompletionRequest, P.CompletionRequest):
+for _model in (P.ChatCompletionRequest, P.CompletionRequest, P.TokenizeRequest, P.DetokenizeRequest):
     _field_names(_model, set())
 
 

@@ -3,7 +3,9 @@ async iterator of server-sent events when the request streams."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 from collections.abc import Callable
 
 from jinja2.exceptions import TemplateError
@@ -16,6 +18,7 @@ from fdkit.serving.reasoning import ReasoningParser, get_parser
 from fdkit.serving.shapes import ChatShape, CompletionShape, Shape
 from fdkit.serving.streams import EventStream, collect, event_stream
 
+logger = logging.getLogger(__name__)
 GENERATION_CONFIG_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty")
 # What a request may leave out, with OpenAI's defaults (used when neither server nor model sets one).
 OPENAI_DEFAULTS = {
@@ -95,12 +98,34 @@ class OpenAIServing:
             logprobs=logprobs,
             reasoning_max_tokens=reasoning_max_tokens if end_ids else None,
             reasoning_end_token_ids=end_ids,
+            bad_words_token_ids=self._bad_words(req),
         )
         seed = req.seed if req.seed is not None else self.cfg.sampling.seed
         try:
             return [SamplingParams(**fields, seed=None if seed is None else seed + i) for i in range(req.n)]
         except ValueError as exc:
             raise from_engine_error(exc) from exc
+
+    def _bad_words(self, req: P.SamplingFields) -> list:
+        """FastDeploy's flat ids, vLLM's id lists and `bad_words` tokenized; ids checked against the vocab."""
+        words = [w if isinstance(w, list) else [w] for w in req.bad_words_token_ids or []]
+        self.check_token_ids([t for word in words for t in word], "bad_words_token_ids")
+        return words + self.tokenizer.bad_words_ids(req.bad_words or [])
+
+    def check_token_ids(self, ids: list[int], param: str) -> None:
+        vocab_size = self.engine.llm.vocab_size
+        if any(not 0 <= t < vocab_size for t in ids):
+            raise APIError(400, f"{param}: token ids must be in [0, {vocab_size})", param, "invalid_value")
+
+    def log_request(self, req: P.SamplingFields) -> None:
+        """The client's `user`, and what the request set that fdkit accepts but does not act on."""
+        if req.user is not None:
+            logger.info("request %s: user %r", req.request_id, req.user)
+        ignored = ["suffix"] if getattr(req, "suffix", None) is not None else []
+        if any(m.name for m in getattr(req, "messages", None) or []):
+            ignored.append("messages[].name")
+        if ignored:
+            logger.info("request %s: accepted but not honoured: %s", req.request_id, ", ".join(ignored))
 
     async def prepare(self, prompt, params: list[SamplingParams], request_id: str) -> list[Sequence]:
         """Tokenized and validated sequences: nothing reaches the engine before all are ready."""
@@ -114,7 +139,8 @@ class OpenAIServing:
     # -- endpoints ------------------------------------------------------------------------------
 
     async def chat(self, req: P.ChatCompletionRequest) -> P.ChatCompletionResponse | EventStream:
-        prompt, thinking = self.chat_prompt(req)
+        self.log_request(req)
+        prompt, thinking = await asyncio.get_running_loop().run_in_executor(None, self.chat_prompt, req)
         params = self.sampling_params(req, **self._chat_limits(req, thinking))
         request_id = req.request_id or P.random_id("chatcmpl")
         release = self.ids.reserve(request_id, [f"{request_id}-{i}" for i in range(req.n)])
@@ -129,20 +155,37 @@ class OpenAIServing:
             release()
             raise
 
-    def chat_prompt(self, req: P.ChatCompletionRequest) -> tuple[str, bool]:
-        """The rendered prompt, and whether the model thinks first."""
-        kwargs = req.chat_template_kwargs.model_dump(exclude_none=True) if req.chat_template_kwargs else {}
-        metadata = req.metadata or P.ChatMetadata()
-        thinking = kwargs.get("enable_thinking", metadata.enable_thinking)
-        kwargs["enable_thinking"] = thinking = thinking is not False or self.cfg.model.always_thinks
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    def chat_prompt(self, req: P.ChatCompletionRequest) -> tuple[str | list[int], bool]:
+        """The prompt (rendered, or as the request gave it), and whether the model thinks first."""
+        kwargs, thinking = self.template_kwargs(req.chat_template_kwargs, req.metadata)
+        if req.prompt_token_ids is not None:
+            self.check_token_ids(req.prompt_token_ids, "prompt_token_ids")
+            return req.prompt_token_ids, thinking
+        if req.disable_chat_template:  # FastDeploy: the messages' text is the raw prompt
+            return "".join(m.text() for m in req.messages or []), thinking
+        return self.render(req.messages or [], kwargs, req.chat_template), thinking
+
+    def template_kwargs(self, kwargs: P.ChatTemplateKwargs | None, metadata: P.ChatMetadata | None):
+        """The chat template's variables, with `enable_thinking` settled, and whether the model thinks."""
+        variables = kwargs.model_dump(exclude_none=True) if kwargs else {}
+        thinking = variables.get("enable_thinking", metadata.enable_thinking if metadata else None)
+        variables["enable_thinking"] = thinking = thinking is not False or self.cfg.model.always_thinks
+        return variables, thinking
+
+    def render(
+        self, messages: list[P.ChatMessage], kwargs: dict, template: str | None, add_generation_prompt=True
+    ) -> str:
+        """The messages through the chat template (the request's own, if it sent one): a 400 if it fails."""
+        if template is not None and not self.cfg.server.allow_request_chat_template:
+            message = "a per-request chat_template is off on this server (server.allow_request_chat_template)"
+            raise APIError(400, message, "chat_template")
+        dicts = [{"role": m.role, "content": m.text()} for m in messages]
         try:
-            return self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, **kwargs
-            ), thinking
-        except (TemplateError, ValueError, TypeError) as exc:
+            return self.tokenizer.apply_chat_template(dicts, add_generation_prompt, template, **kwargs)
+        except (TemplateError, ValueError, TypeError, ArithmeticError, LookupError, RecursionError) as exc:
+            param = "chat_template" if template else "messages"
             message = f"messages could not be rendered with the chat template: {client_message(str(exc))}"
-            raise APIError(400, message, "messages") from exc
+            raise APIError(400, message, param) from exc
 
     def _chat_limits(self, req: P.ChatCompletionRequest, thinking: bool) -> dict:
         """Chat's token limits; `metadata` may carry some of them (FastDeploy's convention)."""
@@ -160,7 +203,8 @@ class OpenAIServing:
         )
 
     async def completion(self, req: P.CompletionRequest) -> P.CompletionResponse | EventStream:
-        prompts = completion_prompts(req.prompt)
+        self.log_request(req)
+        prompts = self._completion_prompts(req)
         limit = self.cfg.server.max_prompts_per_request
         if len(prompts) > limit:
             raise APIError(400, f"at most {limit} prompts per request are allowed", "prompt")
@@ -186,6 +230,35 @@ class OpenAIServing:
             release()
             raise
 
+    def _completion_prompts(self, req: P.CompletionRequest) -> list:
+        if req.prompt_token_ids is None:
+            return completion_prompts(req.prompt)
+        prompts = completion_prompts(req.prompt_token_ids)
+        self.check_token_ids([t for p in prompts for t in p], "prompt_token_ids")
+        return prompts
+
+    async def tokenize(self, req: P.TokenizeRequest) -> P.TokenizeResponse:
+        """vLLM's /tokenize: the prompt's ids, or those of the messages as the chat template renders them."""
+        loop = asyncio.get_running_loop()
+        ids = await loop.run_in_executor(None, lambda: self.tokenizer.encode(self._tokenize_text(req)))
+        decode = lambda t: self.tokenizer.decode([t], skip_special_tokens=False)
+        return P.TokenizeResponse(
+            count=len(ids),
+            max_model_len=self.engine.llm.max_model_len,
+            tokens=ids,
+            token_strs=[decode(t) for t in ids] if req.return_token_strs else None,
+        )
+
+    def _tokenize_text(self, req: P.TokenizeRequest) -> str:
+        if req.messages is None:
+            return req.prompt or ""
+        kwargs, _ = self.template_kwargs(req.chat_template_kwargs, None)
+        return self.render(req.messages, kwargs, req.chat_template, req.add_generation_prompt)
+
+    async def detokenize(self, req: P.DetokenizeRequest) -> P.DetokenizeResponse:
+        self.check_token_ids(req.tokens, "tokens")
+        return P.DetokenizeResponse(prompt=self.tokenizer.decode(req.tokens, skip_special_tokens=False))
+
     # -- generation -----------------------------------------------------------------------------
 
     async def _generate(
@@ -195,7 +268,14 @@ class OpenAIServing:
         gives back the ids once it is over (for a stream: when it is closed)."""
         if req.stream:
             return EventStream(
-                event_stream(self.engine, seqs_per_prompt[0], shape, req.stream_options), release
+                event_stream(
+                    self.engine,
+                    seqs_per_prompt[0],
+                    shape,
+                    req.stream_options,
+                    req.max_streaming_response_tokens,
+                ),
+                release,
             )
         seqs = [seq for group in seqs_per_prompt for seq in group]
         try:

@@ -65,6 +65,7 @@ def build_app(engine: AsyncLLM, cfg) -> FastAPI:
     if cfg.server.metrics_port in (None, cfg.server.port):  # else on its own port: build_metrics_app
         _add_metrics_route(app, state)
     _add_generation_routes(app, state)
+    _add_tokenizer_routes(app, state)
     _complete_openapi(app)
     return app
 
@@ -157,6 +158,31 @@ def _add_generation_routes(app: FastAPI, state: ServerState) -> None:
         return await _run(state, state.serving.completion, req)
 
 
+def _add_tokenizer_routes(app: FastAPI, state: ServerState) -> None:
+    """vLLM's /tokenize and /detokenize, under /v1 and (out of the schema) where vLLM serves them."""
+    errors = _errors(400, 401, 404, 413, 503)
+
+    async def tokenize(request: Request):
+        req = await _parse(state, request, P.TokenizeRequest)
+        return JSONResponse((await state.serving.tokenize(req)).model_dump(exclude_none=True))
+
+    async def detokenize(request: Request):
+        req = await _parse(state, request, P.DetokenizeRequest)
+        return JSONResponse((await state.serving.detokenize(req)).model_dump(exclude_none=True))
+
+    for prefix, in_schema in (("/v1", True), ("", False)):
+        app.post(
+            prefix + "/tokenize",
+            responses={200: {"model": P.TokenizeResponse}, **errors},
+            include_in_schema=in_schema,
+        )(tokenize)
+        app.post(
+            prefix + "/detokenize",
+            responses={200: {"model": P.DetokenizeResponse}, **errors},
+            include_in_schema=in_schema,
+        )(detokenize)
+
+
 def _ref(model: type[BaseModel]) -> dict:
     return {"$ref": f"#/components/schemas/{model.__name__}"}
 
@@ -175,7 +201,12 @@ def _event_schema(chunk: type[BaseModel]) -> dict:
 def _complete_openapi(app: FastAPI) -> None:
     """The routes read their bodies themselves (size limit first, our own errors): their schema says
     what they read (each request model, under components), and the stream chunks are there too."""
-    bodies = {"/v1/chat/completions": P.ChatCompletionRequest, "/v1/completions": P.CompletionRequest}
+    bodies = {
+        "/v1/chat/completions": P.ChatCompletionRequest,
+        "/v1/completions": P.CompletionRequest,
+        "/v1/tokenize": P.TokenizeRequest,
+        "/v1/detokenize": P.DetokenizeRequest,
+    }
     default_openapi = app.openapi
 
     def add(components: dict, model: type[BaseModel], mode: str) -> None:
@@ -198,8 +229,9 @@ def _complete_openapi(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-async def _parse(state: ServerState, request: Request, model: type[P.RequestModel], prefix: str):
-    """Admission, limits, JSON and schema checks, each with its own status and message."""
+async def _parse(state: ServerState, request: Request, model: type[P.RequestModel], prefix: str = ""):
+    """Admission, limits, JSON and schema checks, each with its own status and message; a generation
+    request (`prefix` given) gets its request id."""
     state.check_serving()
     payload = parse_json(await _read_body(request, state.cfg.server.max_request_bytes))
     try:
@@ -212,7 +244,8 @@ async def _parse(state: ServerState, request: Request, model: type[P.RequestMode
     if state.cfg.server.strict_model_name and req.model not in (None, name):
         message = f"The model `{req.model}` does not exist; this server serves `{name}`"
         raise APIError(404, message, "model", "model_not_found")
-    req.request_id = request.state.request_id = req.request_id or P.random_id(prefix)
+    if prefix:
+        req.request_id = request.state.request_id = req.request_id or P.random_id(prefix)
     return req
 
 

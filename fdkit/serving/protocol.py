@@ -10,7 +10,15 @@ import time
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 
 def random_id(prefix: str) -> str:
@@ -43,6 +51,25 @@ class StreamOptions(RequestPart):
 MAX_INT = 2**31 - 1  # counts and ids beyond this are no request's; they only overflow downstream
 NonEmptyStr = Annotated[str, Field(min_length=1)]
 TokenIds = Annotated[list[int], Field(min_length=1)]
+TokenId = Annotated[int, Field(ge=0, le=MAX_INT)]
+PromptTokenIds = Annotated[list[TokenId], Field(min_length=1)]
+MAX_BAD_WORDS = 256
+
+
+def one_of_required(*names: str) -> dict:
+    """The schema's way of saying "at least one of these fields" (the validators check it too)."""
+    return {"anyOf": [{"required": [name]} for name in names]}
+
+
+def required_unless(other: str):
+    """A validator for a field (declared after `other`) that may be left out only when `other` is given."""
+
+    def check(value, info: ValidationInfo):
+        if value is None and info.data.get(other) is None:
+            raise ValueError(f"Field required (or give {other})")
+        return value
+
+    return check
 
 
 class SamplingFields(RequestModel):
@@ -71,6 +98,14 @@ class SamplingFields(RequestModel):
     return_token_ids: bool = False
     reasoning_max_tokens: int | None = Field(None, ge=1, le=MAX_INT)
     request_id: NonEmptyStr | None = None
+    bad_words: list[str] | None = Field(None, max_length=MAX_BAD_WORDS)
+    # FastDeploy: token ids, each banned; vLLM: id sequences, the last one banned right after the rest
+    bad_words_token_ids: (
+        Annotated[list[TokenId], Field(max_length=MAX_BAD_WORDS)]
+        | Annotated[list[PromptTokenIds], Field(max_length=MAX_BAD_WORDS)]
+        | None
+    ) = None
+    max_streaming_response_tokens: int = Field(1, ge=1, le=MAX_INT)
 
     @field_validator("stop")
     @classmethod
@@ -117,12 +152,18 @@ class ChatTemplateKwargs(RequestPart):
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage] = Field(..., min_length=1)
+    """`messages`, or FastDeploy's `prompt_token_ids` (then the messages are not rendered)."""
+
+    model_config = ConfigDict(json_schema_extra=one_of_required("messages", "prompt_token_ids"))
+    prompt_token_ids: PromptTokenIds | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1, validate_default=True)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     metadata: ChatMetadata | None = None
     chat_template_kwargs: ChatTemplateKwargs | None = None
+    chat_template: str | None = None
+    disable_chat_template: bool = False
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self):
@@ -130,17 +171,62 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError("top_logprobs needs logprobs to be true")
         return self
 
+    _has_a_prompt = field_validator("messages")(required_unless("prompt_token_ids"))
+
 
 class CompletionRequest(SamplingFields):
+    """`prompt`, or FastDeploy's `prompt_token_ids` (which wins when both are given)."""
+
+    model_config = ConfigDict(json_schema_extra=one_of_required("prompt", "prompt_token_ids"))
+    prompt_token_ids: PromptTokenIds | Annotated[list[PromptTokenIds], Field(min_length=1)] | None = None
     prompt: (
         NonEmptyStr
         | Annotated[list[str], Field(min_length=1)]
         | TokenIds
         | Annotated[list[TokenIds], Field(min_length=1)]
-    )
+        | None
+    ) = Field(None, validate_default=True)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
     suffix: str | None = None
+
+    _has_a_prompt = field_validator("prompt")(required_unless("prompt_token_ids"))
+
+
+class TokenizeRequest(RequestModel):
+    """vLLM's /tokenize: a `prompt`, or `messages` rendered with the chat template."""
+
+    model_config = ConfigDict(json_schema_extra=one_of_required("prompt", "messages"))
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1, validate_default=True)
+    add_generation_prompt: bool = True
+    chat_template: str | None = None
+    chat_template_kwargs: ChatTemplateKwargs | None = None
+    return_token_strs: bool = False
+
+    @field_validator("messages")
+    @classmethod
+    def _one_prompt(cls, messages, info: ValidationInfo):
+        if (messages is None) == (info.data.get("prompt") is None):
+            raise ValueError("give exactly one of prompt and messages")
+        return messages
+
+
+class TokenizeResponse(OpenAIModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(RequestModel):
+    model: str | None = None
+    tokens: list[TokenId]
+
+
+class DetokenizeResponse(OpenAIModel):
+    prompt: str
 
 
 class PromptTokensDetails(OpenAIModel):
@@ -173,7 +259,19 @@ class ChoiceLogprobs(OpenAIModel):
     content: list[TokenLogprob] | None = None
 
 
-class ChatResponseMessage(OpenAIModel):
+class AlwaysSendsReasoning(OpenAIModel):
+    """`reasoning_content` is on the wire even when null (FastDeploy's messages always carry it)."""
+
+    reasoning_content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _keep_reasoning_content(self, handler):
+        data = handler(self)
+        data.setdefault("reasoning_content", self.reasoning_content)
+        return data
+
+
+class ChatResponseMessage(AlwaysSendsReasoning):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     reasoning_content: str | None = None
@@ -199,7 +297,7 @@ class ChatCompletionResponse(OpenAIModel):
     usage: Usage
 
 
-class DeltaMessage(OpenAIModel):
+class DeltaMessage(AlwaysSendsReasoning):
     role: Literal["assistant"] | None = None
     content: str | None = None
     reasoning_content: str | None = None

@@ -20,6 +20,15 @@ class Delta(NamedTuple):
     token_ids: list[int]
     start: int  # how many tokens the choice had sent before
 
+    def then(self, later: Delta) -> Delta:
+        """This delta followed by a later one of the same choice."""
+        return Delta(
+            self.reasoning + later.reasoning,
+            self.text + later.text,
+            self.token_ids + later.token_ids,
+            self.start,
+        )
+
 
 LogprobEntries = list[tuple[str, float, list[tuple[str, float]]]]  # (token, logprob, [(top token, logprob)])
 
@@ -123,6 +132,7 @@ class ChatShape(Shape):
 
     def choice(self, index: int, seq: Sequence, out: RequestOutput) -> P.ChatCompletionChoice:
         reasoning, content = self.parser.split(out.text) if self.parser else (None, out.text)
+        reasoning = reasoning or None
         message = P.ChatResponseMessage(content=content, reasoning_content=reasoning, reasoning=reasoning)
         if self.req.return_token_ids:
             message.prompt_token_ids, message.completion_token_ids = out.prompt_token_ids, out.token_ids

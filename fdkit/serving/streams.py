@@ -54,6 +54,19 @@ class ChoiceStream:
         self.num_chars = 0
         self.num_tokens = 0
         self.last: RequestOutput | None = None
+        self.pending: Delta | None = None  # what has arrived and not been sent
+
+    def due(self, out: RequestOutput, every: int, always: bool) -> Delta | None:
+        """Takes `out`; returns what to send now, if anything: at the end, else once `every` tokens
+        have gathered with something to show (anything, when `always`)."""
+        delta = self.advance(out)
+        self.pending = delta if self.pending is None else self.pending.then(delta)
+        pending = self.pending
+        enough = len(pending.token_ids) >= every and (always or pending.reasoning or pending.text)
+        if not (out.finished or enough):
+            return None
+        self.pending = None
+        return pending
 
     def advance(self, out: RequestOutput) -> Delta:
         start, new_ids = self.num_tokens, out.token_ids[self.num_tokens :]
@@ -69,9 +82,10 @@ class ChoiceStream:
 
 
 async def event_stream(
-    engine: AsyncLLM, seqs: list[Sequence], shape: Shape, options: P.StreamOptions | None
+    engine: AsyncLLM, seqs: list[Sequence], shape: Shape, options: P.StreamOptions | None, every: int = 1
 ) -> AsyncIterator[str]:
-    """Chunks as outputs arrive, then the usage if asked for; an engine failure becomes an error event."""
+    """Chunks as outputs arrive (a chunk per choice at most every `every` tokens, FastDeploy's
+    max_streaming_response_tokens), then the usage if asked for; an engine failure becomes an error event."""
     include_usage = bool(options and options.include_usage)
     continuous = bool(options and options.continuous_usage_stats)
     num_prompt = seqs[0].num_prompt_tokens
@@ -84,8 +98,8 @@ async def event_stream(
         yield sse(shape.chunk([choice], running_usage()))
     try:
         async for i, out in merge(engine, seqs):
-            delta = states[i].advance(out)
-            if delta.reasoning or delta.text or out.finished or continuous:  # usage stats: every token
+            delta = states[i].due(out, every, always=continuous)  # usage stats: every token counts
+            if delta is not None:
                 yield sse(shape.chunk([shape.stream_choice(i, out, delta)], running_usage()))
         if include_usage:
             yield sse(shape.chunk([], shape.stream_usage(num_prompt, [s.last for s in states])))
