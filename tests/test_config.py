@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -81,13 +82,28 @@ def test_real_ernie_without_weights_names_the_expected_folder(monkeypatch, tmp_p
         LLM.from_config(["model=ernie"])
 
 
+def source_copy(dest: Path) -> Path:
+    """The repo's files that git tracks or would (not build/, .venv/, caches), copied into `dest`."""
+    listing = ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"]
+    names = subprocess.run(listing, cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    for name in filter(None, names.split("\0")):
+        if (ROOT / name).is_file():  # not a file deleted since the last commit
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
+    return dest
+
+
 @pytest.mark.slow
 def test_installed_package_serves_from_another_folder(tmp_path):
     """A non-editable install: its conf/ ships inside, `fdkit serve` runs, no output folder is left."""
     target, cwd = tmp_path / "site", tmp_path / "cwd"
     cwd.mkdir()
+    before = sorted(ROOT.iterdir())
     pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps"]
-    subprocess.run([*pip, "--target", str(target), str(ROOT)], check=True, timeout=300)
+    subprocess.run(
+        [*pip, "--target", str(target), str(source_copy(tmp_path / "src"))], check=True, timeout=300
+    )
+    assert sorted(ROOT.iterdir()) == before  # built in the copy: no build/ or *.egg-info left in the repo
     env = {"PYTHONPATH": str(target), "FDKIT_CACHE_DIR": str(tmp_path / "cache")}
     check = "import fdkit; print(fdkit.__file__, fdkit.load_config(['model=ernie_tiny']).model.path)"
     out = subprocess.run(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import os
 import signal
 import threading
@@ -76,6 +77,26 @@ def test_duplicate_request_id_is_refused_and_the_engine_serves_on(config):
     try:
         asyncio.run(scenario())
         assert engine.is_healthy and engine.num_in_flight == 0
+    finally:
+        engine.shutdown()
+
+
+def test_ids_of_sequences_prepared_but_never_streamed_do_not_pile_up(config):
+    """A completion whose second prompt is too long prepared its first one, which is then dropped."""
+    engine = AsyncLLM(LLM(config=config))
+    too_long = [1] * 600  # max_model_len is 512
+
+    async def scenario():
+        for i in range(1000):
+            await engine.prepare("ok", SHORT, f"cmpl-{i}-0")
+            with pytest.raises(ValueError):
+                await engine.prepare(too_long, SHORT, f"cmpl-{i}-1")
+
+    try:
+        asyncio.run(scenario())
+        gc.collect()
+        assert len(engine._request_ids) < 10
+        assert engine.is_healthy
     finally:
         engine.shutdown()
 

@@ -16,8 +16,7 @@ from hub_standin import HubStandIn
 from server_utils import ROOT, Server, free_port
 from test_memory_plan import A3B, needs_moe
 
-from fdkit import load_config
-from fdkit.entrypoints.openai.api_server import ignored_warnings, parse_args, to_overrides
+from fdkit.entrypoints.openai.api_server import ignored_warnings, load_fastdeploy_config, parse_args
 from fdkit.entrypoints.openai.fastdeploy_flags import MAPPED, MAPPED_SWITCHES, SWITCH, TOGGLE, ignored_flags
 
 API_SERVER = [sys.executable, "-m", "fdkit.entrypoints.openai.api_server"]
@@ -42,7 +41,7 @@ def test_flags_map_onto_the_config(tmp_path):
     argv = ["--model", "baidu/ERNIE-4.5-0.3B-Paddle", "-tp", "2", "--gpu-memory-utilization", "0.7"]
     argv += ["--num-gpu-blocks-override", "128", "--metrics-port", "9001", "--revision", "v1"]
     argv += ["--enable-expert-parallel", "--api-key", "a", "--api-key", "b", "--max-model-len", "32768"]
-    cfg = load_config(to_overrides(parse_args(argv)))
+    cfg = load_fastdeploy_config(parse_args(argv))
     assert cfg.model.path == "baidu/ERNIE-4.5-0.3B-Paddle" and cfg.model.name == "ERNIE-4.5-0.3B-Paddle"
     assert (cfg.tp, cfg.engine.memory_utilization, cfg.engine.num_kv_blocks) == (2, 0.7, 128)
     assert (cfg.server.metrics_port, cfg.model.revision, cfg.engine.expert_parallel) == (9001, "v1", True)
@@ -56,9 +55,42 @@ def test_config_file_as_fastdeploy_reads_it(tmp_path):
         "model: m\nmax_model_len: 8192\ntensor_parallel_size: 2\nport: 9000\nenable_prefix_caching: true\n"
     )
     args = parse_args(["--config", str(path), "--port", "9002"])
-    cfg = load_config(to_overrides(args))
+    cfg = load_fastdeploy_config(args)
     assert (cfg.engine.max_model_len, cfg.tp, cfg.server.port) == (8192, 2, 9002)  # the command line wins
     assert ignored_warnings(args)[0].startswith("--enable-prefix-caching")
+
+
+@pytest.mark.parametrize(
+    "flag, value, attribute",
+    [
+        ("--api-key", "sk-ab/c+d==", "server.api_keys"),
+        ("--api-key", "a,b", "server.api_keys"),
+        ("--api-key", "x${oc.env:HOME}y", "server.api_keys"),
+        ("--model", "/data/my model(v2)", "model.path"),
+        ("--served-model-name", "a,b", "server.served_model_name"),
+        ("--served-model-name", "it's [x]=${y}", "server.served_model_name"),
+        ("--host", "::1", "server.host"),
+    ],
+)
+def test_free_text_flags_are_taken_verbatim(flag, value, attribute):
+    argv = ["--model", "m", flag, value] if flag != "--model" else ["--model", value]
+    cfg = load_fastdeploy_config(parse_args(argv))
+    section, name = attribute.split(".")
+    expected = [value] if flag == "--api-key" else value
+    assert getattr(getattr(cfg, section), name) == expected
+
+
+def test_an_override_wins_over_a_free_text_flag():
+    argv = ["--model", "m", "--served-model-name", "a", "--override", "server.served_model_name=b"]
+    assert load_fastdeploy_config(parse_args(argv)).server.served_model_name == "b"
+    assert load_fastdeploy_config(parse_args(["--model", "/x/my model"])).model.name == "my model"
+
+
+def test_ernie_x1_reasoning_parser_always_thinks():
+    cfg = load_fastdeploy_config(parse_args(["--model", "m", "--reasoning-parser", "ernie-x1"]))
+    assert cfg.model.always_thinks and cfg.server.reasoning_parser == "ernie-x1"
+    cfg = load_fastdeploy_config(parse_args(["--model", "m", "--reasoning-parser", "ernie-45-vl"]))
+    assert not cfg.model.always_thinks
 
 
 def test_the_docs_table_names_every_flag():

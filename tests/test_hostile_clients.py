@@ -211,20 +211,33 @@ def test_body_over_the_limit_without_content_length_is_413(hostile_server):
 # -- request ids ------------------------------------------------------------------------------------
 
 
+def post_completion(base_url: str, body: dict) -> httpx.Response:
+    return httpx.post(base_url + COMPLETIONS, json=body, timeout=60)
+
+
 def test_duplicate_request_ids_sent_concurrently(hostile_server):
-    body = {"prompt": "hi", "max_tokens": 200, "ignore_eos": True, "request_id": "client-id-1"}
+    """The duplicate arrives while the first streams (after its first chunk, before the 500 tokens or so
+    the model length leaves it), then the first is closed: no timing assumption."""
+    body = {"prompt": "hi", "max_tokens": 2000, "ignore_eos": True, "request_id": "client-id-1"}
 
-    async def both() -> list[httpx.Response]:
-        async with httpx.AsyncClient(base_url=hostile_server.base_url, timeout=60) as client:
-            first = asyncio.create_task(client.post(COMPLETIONS, json=body))
-            await asyncio.sleep(0.3)  # the first is generating when the second arrives
-            second = await client.post(COMPLETIONS, json={**body, "stream": True})
-            return [await first, second]
+    async def both() -> httpx.Response:
+        async with (
+            httpx.AsyncClient(base_url=hostile_server.base_url, timeout=60) as client,
+            client.stream("POST", COMPLETIONS, json={**body, "stream": True}) as first,
+        ):
+            assert first.status_code == 200
+            lines = first.aiter_lines()
+            while not (line := await anext(lines)).startswith("data: "):
+                pass
+            assert json.loads(line.removeprefix("data: "))["id"] == "client-id-1"
+            return await client.post(COMPLETIONS, json={**body, "max_tokens": 2})
 
-    first, second = asyncio.run(both())
-    assert first.status_code == 200 and first.json()["id"] == "client-id-1"
+    second = asyncio.run(both())
     assert assert_error(second, 400, "request_id")["code"] == "duplicate_request_id"
-    again = httpx.post(hostile_server.base_url + COMPLETIONS, json={**body, "max_tokens": 2}, timeout=60)
+    deadline = time.monotonic() + 30  # the server sees the first client leave, and aborts its request
+    while (again := post_completion(hostile_server.base_url, {**body, "max_tokens": 2})).status_code == 400:
+        assert time.monotonic() < deadline, again.text
+        time.sleep(0.05)
     assert again.status_code == 200  # the id is free again once its request is over
     assert_still_serves(hostile_server.base_url)
 

@@ -10,7 +10,7 @@ import pytest
 from helpers import TEST_ENGINE
 
 from fdkit import LLM, load_config
-from fdkit.engine.memory import GB, RUNTIME_BYTES, PlanError, plan_memory
+from fdkit.engine.memory import GB, RUNTIME_BYTES, PlanError, available_memory, cgroup_available, plan_memory
 from fdkit.models import _REGISTRY
 from fdkit.tiny import PRESETS, model_config
 
@@ -146,3 +146,25 @@ def test_any_tp_with_the_kv_heads_its_ranks_hold(tmp_path, tp, kv_heads):
 def test_default_server_fits(tmp_path):
     demo = plan(Path(load_config().model.path), available=HOST)
     assert demo.num_kv_blocks == 32 * 64 and demo.needed_bytes(demo.num_kv_blocks) < 1 * GB
+
+
+def fake_cgroup(root: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text + "\n")
+    return root
+
+
+def test_a_container_memory_limit_bounds_what_is_available(tmp_path):
+    v2 = {"memory.max": str(3 * GB), "memory.current": str(GB), "memory.stat": "anon 1\ninactive_file 1000"}
+    assert cgroup_available(fake_cgroup(tmp_path / "v2", v2)) == 2 * GB + 1000
+    v1 = {"memory/memory.limit_in_bytes": str(4 * GB), "memory/memory.usage_in_bytes": str(GB)}
+    assert cgroup_available(fake_cgroup(tmp_path / "v1", v1)) == 3 * GB
+    both = fake_cgroup(tmp_path / "both", {**v1, "memory.max": str(2 * GB), "memory.current": str(GB)})
+    assert cgroup_available(both) == GB  # the smaller
+    assert available_memory("cpu", cgroup_root=both) == GB
+    unlimited = {"memory.max": "max", "memory.current": str(GB)}
+    unlimited |= {"memory/memory.limit_in_bytes": "9223372036854771712", "memory/memory.usage_in_bytes": "1"}
+    assert cgroup_available(fake_cgroup(tmp_path / "none", unlimited)) is None
+    assert cgroup_available(tmp_path / "missing") is None
+    assert available_memory("cpu", cgroup_root=tmp_path / "missing") > GB  # the host's, as psutil says

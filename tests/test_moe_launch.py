@@ -42,7 +42,8 @@ def test_launch_with_tp8_serves_the_reference_tokens(tp8_server, reference):
 
 
 def test_from_config_gives_the_same_tokens(reference):
-    """tp=8 through LLM.from_config is test_moe.py's test_more_ranks_than_heads_match_the_reference."""
+    """LLM.from_config on the MoE config (model=ernie_21b_a3b) at tp=1 gives the reference tokens; tp=8
+    is test_moe.py's test_more_ranks_than_heads_match_the_reference."""
     prompt, expected = reference
     overrides = ["model=ernie_21b_a3b", f"model.path={TINY_MOE}", *SMALL_ENGINE]
     with LLM.from_config([*overrides, "engine.show_progress=false"]) as llm:

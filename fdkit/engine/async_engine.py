@@ -161,17 +161,31 @@ class _Pending:
 
 class RequestIds:
     """Request ids in use: taken by prepare() or stream(), given back when the stream ends. A sequence
-    prepared but never streamed gives its id back once it is garbage."""
+    prepared but never streamed gives its id back once it is garbage (its entry is dropped then)."""
 
     def __init__(self):
         self._owners: dict[str, weakref.ref] = {}
+
+    def __len__(self) -> int:
+        return len(self._owners)
 
     def take(self, request_id: str, owner: object) -> None:
         current = self._owners.get(request_id)
         holder = current() if current is not None else None
         if holder is not None and holder is not owner:
             raise ValueError(f"request id {request_id!r} is already in use")
-        self._owners[request_id] = weakref.ref(owner)
+        if holder is None:
+            self._owners[request_id] = weakref.ref(owner, self._dropper(request_id))
+
+    def _dropper(self, request_id: str) -> Callable[[weakref.ref], None]:
+        """A weakref callback that removes `request_id`'s entry if it is still that (dead) reference."""
+        owners = self._owners  # not self: the callback must not keep the table alive
+
+        def drop(ref: weakref.ref) -> None:
+            if owners.get(request_id) is ref:
+                owners.pop(request_id, None)
+
+        return drop
 
     def release(self, request_id: str, owner: object) -> None:
         current = self._owners.get(request_id)

@@ -8,7 +8,8 @@ tied LM head's own copy), 1-D tensors replicated and the rest split by tp; KV ca
 kv_heads_per_rank * head_dim * block_size * dtype bytes per block, kv_heads_per_rank the most any rank
 holds (fdkit.parallel.head_shard); runtime RUNTIME_BYTES, plus on CPU what loading takes beyond the KV
 cache (which is allocated after it): twice the largest tensor in float32, read whole, then sliced. On
-CPU the ranks of one host share its available RAM (psutil); on GPU each rank has one device's memory
+CPU the ranks of one host share its available RAM (psutil, or what a container's cgroup memory limit
+leaves, if less); on GPU each rank has one device's memory
 (paddle's device properties: not tested here, no GPU).
 """
 
@@ -29,6 +30,8 @@ CPU_DTYPES = ("float32",)  # paddle has no CPU matmul kernel for bfloat16 / floa
 RUNTIME_BYTES = 5 * 10**8  # paddle, Python, the tokenizer: a rank of the tiny test model is 0.39 GB RSS
 DEFAULT_UTILIZATION = {"cpu": 0.5, "gpu": 0.9}
 SUGGESTED_TP = (1, 2, 4, 8)
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+NO_CGROUP_LIMIT = 2**60  # cgroup v1 writes "no limit" as about 2**63 (rounded to the page size)
 
 
 class PlanError(CheckpointError):
@@ -146,16 +149,55 @@ def device_kind(device: str) -> str:
     return "cpu" if device == "cpu" else "gpu"
 
 
-def available_memory(device: str) -> int:
-    """Host RAM available now (cpu), or the total memory of the device (gpu: untested here)."""
+def available_memory(device: str, cgroup_root: Path = CGROUP_ROOT) -> int:
+    """Host RAM available now, within the container's memory limit if any (cpu), or the total memory of
+    the device (gpu: untested here)."""
     if device_kind(device) == "cpu":
         import psutil
 
-        return psutil.virtual_memory().available
+        host = psutil.virtual_memory().available
+        container = cgroup_available(cgroup_root)
+        return host if container is None else min(host, container)
     import paddle
 
     index = int(device.partition(":")[2] or 0)
     return int(paddle.device.cuda.get_device_properties(index).total_memory)
+
+
+def cgroup_available(root: Path = CGROUP_ROOT) -> int | None:
+    """What this container's memory limit leaves (cgroup v2 and v1, the smaller); None if unlimited."""
+    v1 = root / "memory"
+    left = [
+        _cgroup_left(root / "memory.max", root / "memory.current", root / "memory.stat", "inactive_file"),
+        _cgroup_left(
+            v1 / "memory.limit_in_bytes",
+            v1 / "memory.usage_in_bytes",
+            v1 / "memory.stat",
+            "total_inactive_file",
+        ),
+    ]
+    found = [value for value in left if value is not None]
+    return min(found) if found else None
+
+
+def _cgroup_left(limit_file: Path, usage_file: Path, stat_file: Path, reclaimable: str) -> int | None:
+    """limit - usage, the usage without the page cache the kernel reclaims first (as `docker stats`)."""
+    try:
+        limit, usage = limit_file.read_text().strip(), int(usage_file.read_text())
+    except (OSError, ValueError):
+        return None
+    if not limit.isdigit() or int(limit) >= NO_CGROUP_LIMIT:  # "max" (v2), or v1's "no limit" number
+        return None
+    return max(0, int(limit) - usage + _stat_value(stat_file, reclaimable))
+
+
+def _stat_value(stat_file: Path, key: str) -> int:
+    try:
+        lines = stat_file.read_text().splitlines()
+    except OSError:
+        return 0
+    values = dict(line.partition(" ")[::2] for line in lines)
+    return int(values.get(key, 0) or 0)
 
 
 def plan_memory(config, model_path: str | Path, available_bytes: int | None = None) -> MemoryPlan:

@@ -24,6 +24,7 @@ from fdkit.entrypoints.openai.fastdeploy_flags import (
     MAPPED,
     MAPPED_SWITCHES,
     SWITCH,
+    TEXT,
     TOGGLE,
     VALUE,
     ignored_flags,
@@ -96,23 +97,48 @@ def ignored_warnings(args: argparse.Namespace) -> list[str]:
 
 
 def to_overrides(args: argparse.Namespace) -> list[str]:
-    model = Path(args.model).expanduser()  # a folder, or a hub id ORG/NAME (its NAME is the served name)
-    overrides = ["model=ernie", f"model.path={model}", f"model.name={model.name}"]
+    """The flags that are numbers or switches, as Hydra overrides (free text goes in `set_text_flags`)."""
+    overrides = ["model=ernie"]
     for flag, key in MAPPED.items():
         value = getattr(args, _dest(flag))
-        if value is not None:
+        if value is not None and flag not in TEXT:
             overrides.append(f"{key}={value}")
     overrides += [f"{key}=true" for flag, key in MAPPED_SWITCHES.items() if getattr(args, _dest(flag))]
-    if args.api_key:
-        overrides.append("server.api_keys=[" + ",".join(args.api_key) + "]")
+    if args.reasoning_parser == "ernie-x1":  # FastDeploy forces thinking on for this parser
+        overrides.append("model.always_thinks=true")
     return overrides + list(args.override)
+
+
+def text_flags(args: argparse.Namespace) -> dict[str, object]:
+    """config key -> value of the free-text flags (api keys, paths, names), which Hydra would parse."""
+    model = Path(args.model).expanduser()  # a folder, or a hub id ORG/NAME (its NAME is the served name)
+    values: dict[str, object] = {"model.path": str(model), "model.name": model.name}
+    values |= {MAPPED[flag]: getattr(args, _dest(flag)) for flag in TEXT}
+    values["server.api_keys"] = list(args.api_key) if args.api_key else None
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def set_text_flags(cfg, args: argparse.Namespace):
+    """Sets the free-text flags on the typed config `cfg`, except a key an --override sets (it wins)."""
+    overridden = {item.partition("=")[0].lstrip("+~") for item in args.override}
+    for key, value in text_flags(args).items():
+        if key not in overridden:
+            section, _, name = key.rpartition(".")
+            setattr(getattr(cfg, section), name, value)
+    return cfg
+
+
+def load_fastdeploy_config(args: argparse.Namespace):
+    """The FdkitConfig of FastDeploy's parsed command line."""
+    from fdkit.config import load_config
+
+    return set_text_flags(load_config(to_overrides(args)), args)
 
 
 def main(argv: list[str] | None = None) -> None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from fdkit.config import load_config
     from fdkit.launch import configure_logging, run
 
     configure_logging()
@@ -120,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     for warning in ignored_warnings(args):
         logger.warning("%s", warning)
     try:
-        cfg = load_config(to_overrides(args))
+        cfg = load_fastdeploy_config(args)
     except (HydraException, OmegaConfBaseException) as exc:
         cause = f" ({exc.__cause__})" if exc.__cause__ else ""  # Hydra's message names only the override
         logger.error("cannot start: %s", " ".join(f"{exc}{cause}".split()))

@@ -27,6 +27,8 @@ MAPPED = {
     "--device": "engine.device",
     "--kv-cache-gib": "engine.kv_cache_gib",
 }
+# string-valued: set on the typed config after composing, never pasted into Hydra's override grammar
+TEXT = {"--host", "--served-model-name", "--reasoning-parser", "--revision", "--dtype", "--device"}
 MAPPED_SWITCHES = {"--enable-expert-parallel": "engine.expert_parallel"}  # given: the key is true
 ALIASES = {"-tp": "--tensor-parallel-size"}
 
