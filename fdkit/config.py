@@ -25,6 +25,7 @@ class ModelConfig:
     name: str = "ernie"  # served as this name unless server.served_model_name is set
     path: str = "???"  # the checkpoint folder, as published
     reasoning_parser: str | None = None  # "ernie-45-vl" / "ernie-x1" for models that think
+    tool_parser: str | None = None  # "ernie-x1": <tool_call> JSON in the answer becomes message.tool_calls
     download: bool = True  # a hub id (ORG/NAME) found nowhere locally is downloaded (fdkit/hub.py)
     revision: str | None = None  # the hub revision to download (None: the default branch)
     always_thinks: bool = (

@@ -4,6 +4,7 @@ async iterator of server-sent events when the request streams."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from fdkit.serving.errors import APIError, client_message, engine_unavailable, f
 from fdkit.serving.reasoning import ReasoningParser, get_parser
 from fdkit.serving.shapes import ChatShape, CompletionShape, Shape
 from fdkit.serving.streams import EventStream, collect, event_stream
+from fdkit.serving.tool_parsers import ToolParser, get_tool_parser
 
 logger = logging.getLogger(__name__)
 GENERATION_CONFIG_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty")
@@ -56,6 +58,7 @@ class OpenAIServing:
         self.model_name = cfg.server.served_model_name or cfg.model.name
         self.parser: ReasoningParser | None = get_parser(cfg.server.reasoning_parser)
         self.reasoning_end_ids = self.tokenizer.encode(self.parser.end_token) if self.parser else []
+        self.tool_parser: ToolParser | None = get_tool_parser(getattr(cfg.model, "tool_parser", None))
         path = engine.llm.model_path / "generation_config.json"
         generation = json.loads(path.read_text()) if path.is_file() else {}
         self.model_defaults = {k: generation[k] for k in GENERATION_CONFIG_KEYS if k in generation}
@@ -126,6 +129,10 @@ class OpenAIServing:
             ignored.append("messages[].name")
         if ignored:
             logger.info("request %s: accepted but not honoured: %s", req.request_id, ", ".join(ignored))
+        choice = getattr(req, "tool_choice", None)
+        if choice not in (None, "none", "auto"):  # needs constrained decoding
+            named = choice if isinstance(choice, str) else f"function {choice.function.name!r}"
+            logger.warning("request %s: tool_choice %s is accepted but not enforced", req.request_id, named)
 
     async def prepare(self, prompt, params: list[SamplingParams], request_id: str) -> list[Sequence]:
         """Tokenized and validated sequences: nothing reaches the engine before all are ready."""
@@ -146,14 +153,19 @@ class OpenAIServing:
         release = self.ids.reserve(request_id, [f"{request_id}-{i}" for i in range(req.n)])
         try:
             seqs = await self.prepare(prompt, params, request_id)
-            parser = self.parser if thinking else None
+            tools = self.tools_for(req)
+            parser = get_parser(self.cfg.server.reasoning_parser, tools is not None) if thinking else None
             shape = ChatShape(
-                self.tokenizer, self.model_name, request_id, req, parser, self.reasoning_end_ids
+                self.tokenizer, self.model_name, request_id, req, parser, self.reasoning_end_ids, tools
             )
             return await self._generate(req, shape, [seqs], release)
         except BaseException:
             release()
             raise
+
+    def tools_for(self, req: P.ChatCompletionRequest) -> ToolParser | None:
+        """The tool parser, if the request offers tools and lets the model call them."""
+        return self.tool_parser if req.tools and req.tool_choice != "none" else None
 
     def chat_prompt(self, req: P.ChatCompletionRequest) -> tuple[str | list[int], bool]:
         """The prompt (rendered, or as the request gave it), and whether the model thinks first."""
@@ -163,6 +175,8 @@ class OpenAIServing:
             return req.prompt_token_ids, thinking
         if req.disable_chat_template:  # FastDeploy: the messages' text is the raw prompt
             return "".join(m.text() for m in req.messages or []), thinking
+        if req.tools:
+            kwargs["tools"] = [tool.model_dump(exclude_none=True) for tool in req.tools]
         return self.render(req.messages or [], kwargs, req.chat_template), thinking
 
     def template_kwargs(self, kwargs: P.ChatTemplateKwargs | None, metadata: P.ChatMetadata | None):
@@ -179,7 +193,7 @@ class OpenAIServing:
         if template is not None and not self.cfg.server.allow_request_chat_template:
             message = "a per-request chat_template is off on this server (server.allow_request_chat_template)"
             raise APIError(400, message, "chat_template")
-        dicts = [{"role": m.role, "content": m.text()} for m in messages]
+        dicts = [message_dict(m) for m in messages]
         try:
             return self.tokenizer.apply_chat_template(dicts, add_generation_prompt, template, **kwargs)
         except (TemplateError, ValueError, TypeError, ArithmeticError, LookupError, RecursionError) as exc:
@@ -285,6 +299,20 @@ class OpenAIServing:
         choices = [shape.choice(i, seq, out) for i, (seq, out) in enumerate(zip(seqs, outputs, strict=True))]
         num_prompt = sum(group[0].num_prompt_tokens for group in seqs_per_prompt)
         return shape.response(choices, num_prompt, outputs)
+
+
+def message_dict(message: P.ChatMessage) -> dict:
+    """A message as the chat template sees it; an earlier call's arguments as a dict when they are JSON
+    (as vLLM passes them, for templates that write them out with `tojson`)."""
+    item: dict = {"role": message.role, "content": message.text()}
+    if message.tool_calls:
+        item["tool_calls"] = [call.model_dump() for call in message.tool_calls]
+        for call in item["tool_calls"]:
+            with contextlib.suppress(ValueError, RecursionError):
+                call["function"]["arguments"] = json.loads(call["function"]["arguments"])
+    if message.tool_call_id is not None:
+        item["tool_call_id"] = message.tool_call_id
+    return item
 
 
 def completion_prompts(prompt) -> list:

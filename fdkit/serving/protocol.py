@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -124,10 +124,23 @@ class TextContentPart(RequestPart):
     text: str
 
 
+class FunctionCall(RequestPart):
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+class AssistantToolCall(RequestPart):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(RequestPart):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[TextContentPart] | None = None  # a text-only model: text parts only
     name: str | None = None
+    tool_calls: list[AssistantToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -151,6 +164,27 @@ class ChatTemplateKwargs(RequestPart):
     enable_thinking: bool | None = None
 
 
+class FunctionDefinition(RequestPart):
+    name: NonEmptyStr
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema
+    strict: bool | None = None
+
+
+class Tool(RequestPart):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(RequestPart):
+    name: NonEmptyStr
+
+
+class NamedToolChoice(RequestPart):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(SamplingFields):
     """`messages`, or FastDeploy's `prompt_token_ids` (then the messages are not rendered)."""
 
@@ -164,11 +198,25 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: ChatTemplateKwargs | None = None
     chat_template: str | None = None
     disable_chat_template: bool = False
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self):
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs to be true")
+        return self
+
+    @model_validator(mode="after")
+    def _tool_choice_names_a_tool(self):
+        choice = self.tool_choice
+        if choice in (None, "none", "auto"):
+            return self
+        names = {tool.function.name for tool in self.tools or []}
+        if not names:
+            raise ValueError(f"tool_choice {choice!r} needs tools")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"tool_choice names {choice.function.name!r}, which is not among the tools")
         return self
 
     _has_a_prompt = field_validator("messages")(required_unless("prompt_token_ids"))
@@ -302,6 +350,7 @@ class DeltaMessage(AlwaysSendsReasoning):
     content: str | None = None
     reasoning_content: str | None = None
     reasoning: str | None = None
+    tool_calls: list[dict] | None = None
     prompt_token_ids: list[int] | None = None
     completion_token_ids: list[int] | None = None
 

@@ -10,6 +10,7 @@ from fdkit.engine.llm_engine import RequestOutput
 from fdkit.engine.sequence import Sequence
 from fdkit.serving import protocol as P
 from fdkit.serving.reasoning import ReasoningParser
+from fdkit.serving.tool_parsers import ToolCall, ToolParser
 
 
 class Delta(NamedTuple):
@@ -19,6 +20,8 @@ class Delta(NamedTuple):
     text: str
     token_ids: list[int]
     start: int  # how many tokens the choice had sent before
+    calls: tuple[ToolCall, ...] = ()  # tool calls completed in this delta
+    calls_before: int = 0  # how many tool calls the choice had sent before
 
     def then(self, later: Delta) -> Delta:
         """This delta followed by a later one of the same choice."""
@@ -27,6 +30,8 @@ class Delta(NamedTuple):
             self.text + later.text,
             self.token_ids + later.token_ids,
             self.start,
+            self.calls + later.calls,
+            self.calls_before,
         )
 
 
@@ -62,6 +67,7 @@ class Shape:
     chunk_model: type[P.OpenAIModel]
     response_model: type[P.OpenAIModel]
     parser: ReasoningParser | None = None
+    tool_parser: ToolParser | None = None
 
     def __init__(self, tokenizer, model_name: str, request_id: str, req: P.SamplingFields):
         self.tokenizer, self.model_name, self.request_id, self.req = tokenizer, model_name, request_id, req
@@ -92,6 +98,13 @@ class Shape:
         """The usage of a stream's last chunk."""
         return self.usage(num_prompt, outputs)
 
+    def stream_choices(self, index: int, out: RequestOutput, delta: Delta) -> list:
+        """What a delta sends, one chunk per choice."""
+        return [self.stream_choice(index, out, delta)]
+
+    def stream_choice(self, index: int, out: RequestOutput, delta: Delta):
+        raise NotImplementedError
+
     def token_logprobs(self, out: RequestOutput, start: int = 0) -> LogprobEntries:
         decode = lambda token_id: self.tokenizer.decode([token_id], skip_special_tokens=False)
         pairs = zip(out.token_ids[start:], (out.logprobs or [])[start:], strict=False)
@@ -102,9 +115,11 @@ class ChatShape(Shape):
     chunk_model = P.ChatCompletionStreamResponse
     response_model = P.ChatCompletionResponse
 
-    def __init__(self, tokenizer, model_name, request_id, req, parser, reasoning_end_ids: list[int]):
+    def __init__(
+        self, tokenizer, model_name, request_id, req, parser, reasoning_end_ids: list[int], tool_parser=None
+    ):
         super().__init__(tokenizer, model_name, request_id, req)
-        self.parser, self.reasoning_end_ids = parser, reasoning_end_ids
+        self.parser, self.reasoning_end_ids, self.tool_parser = parser, reasoning_end_ids, tool_parser
 
     def opening(self, seqs: list[Sequence]) -> list[P.ChatCompletionStreamChoice]:
         choices = []
@@ -126,18 +141,42 @@ class ChatShape(Shape):
             index=index,
             delta=message,
             logprobs=self.logprobs(out, delta.start),
-            finish_reason=out.finish_reason,
+            finish_reason=finish_reason(out, delta.calls_before + len(delta.calls)),
             arrival_time=_seconds_since_arrival(out),
         )
+
+    def stream_choices(self, index: int, out: RequestOutput, delta: Delta) -> list:
+        """The text's chunk, then two per tool call: its id and name, then its arguments (whole: a call is
+        sent once its closing tag has come); the finish reason goes on the last chunk."""
+        main = self.stream_choice(index, out, delta)
+        if not delta.calls:
+            return [main]
+        choices = [main]
+        for k, call in enumerate(delta.calls, start=delta.calls_before):
+            head = {"index": k, "id": tool_call_id(), "type": "function"}
+            head["function"] = {"name": call.name, "arguments": ""}
+            for entry in (head, {"index": k, "function": {"arguments": call.arguments}}):
+                choices.append(
+                    P.ChatCompletionStreamChoice(index=index, delta=P.DeltaMessage(tool_calls=[entry]))
+                )
+        choices[-1].finish_reason, main.finish_reason = main.finish_reason, None
+        return choices
 
     def choice(self, index: int, seq: Sequence, out: RequestOutput) -> P.ChatCompletionChoice:
         reasoning, content = self.parser.split(out.text) if self.parser else (None, out.text)
         reasoning = reasoning or None
+        calls: list[ToolCall] = []
+        if self.tool_parser is not None:
+            content, calls = self.tool_parser.parse(content)
         message = P.ChatResponseMessage(content=content, reasoning_content=reasoning, reasoning=reasoning)
+        message.tool_calls = [tool_call_dict(call) for call in calls] or None
         if self.req.return_token_ids:
             message.prompt_token_ids, message.completion_token_ids = out.prompt_token_ids, out.token_ids
         return P.ChatCompletionChoice(
-            index=index, message=message, logprobs=self.logprobs(out), finish_reason=out.finish_reason
+            index=index,
+            message=message,
+            logprobs=self.logprobs(out),
+            finish_reason=finish_reason(out, len(calls)),
         )
 
     def logprobs(self, out: RequestOutput, start: int = 0) -> P.ChoiceLogprobs | None:
@@ -165,6 +204,20 @@ class ChatShape(Shape):
             if ids[k : k + len(end)] == end:
                 return k
         return len(ids)
+
+
+def tool_call_id() -> str:
+    return P.random_id("chatcmpl-tool")
+
+
+def tool_call_dict(call: ToolCall) -> dict:
+    function = {"name": call.name, "arguments": call.arguments}
+    return {"id": tool_call_id(), "type": "function", "function": function}
+
+
+def finish_reason(out: RequestOutput, num_calls: int) -> str | None:
+    """`tool_calls` when a choice that called tools stopped by itself (not at a length limit)."""
+    return "tool_calls" if num_calls and out.finish_reason == "stop" else out.finish_reason
 
 
 class CompletionShape(Shape):

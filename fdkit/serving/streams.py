@@ -15,6 +15,7 @@ from fdkit.serving import protocol as P
 from fdkit.serving.errors import APIError, client_message, from_engine_error, internal_error
 from fdkit.serving.reasoning import ReasoningParser, ReasoningStream
 from fdkit.serving.shapes import Delta, Shape, usage
+from fdkit.serving.tool_parsers import ToolParser, ToolStream
 
 logger = logging.getLogger(__name__)
 DONE = "data: [DONE]\n\n"
@@ -48,8 +49,9 @@ class EventStream:
 class ChoiceStream:
     """What one choice of a stream has sent so far; `prefix` goes before its first text."""
 
-    def __init__(self, parser: ReasoningParser | None, prefix: str = ""):
+    def __init__(self, parser: ReasoningParser | None, prefix: str = "", tools: ToolParser | None = None):
         self.reasoning = ReasoningStream(parser) if parser else None
+        self.tools = ToolStream() if tools else None
         self.prefix = prefix
         self.num_chars = 0
         self.num_tokens = 0
@@ -62,7 +64,8 @@ class ChoiceStream:
         delta = self.advance(out)
         self.pending = delta if self.pending is None else self.pending.then(delta)
         pending = self.pending
-        enough = len(pending.token_ids) >= every and (always or pending.reasoning or pending.text)
+        shown = pending.reasoning or pending.text or pending.calls
+        enough = len(pending.token_ids) >= every and (always or shown)
         if not (out.finished or enough):
             return None
         self.pending = None
@@ -76,9 +79,12 @@ class ChoiceStream:
         else:
             reasoning, text = "", out.text[self.num_chars :]
             self.num_chars = len(out.text)
+        calls_before, calls = (self.tools.num_calls if self.tools else 0), []
+        if self.tools is not None:
+            text, calls = self.tools.feed(text, final=out.finished)
         if start == 0:
             text = self.prefix + text
-        return Delta(reasoning, text, new_ids, start)
+        return Delta(reasoning, text, new_ids, start, tuple(calls), calls_before)
 
 
 async def event_stream(
@@ -89,7 +95,7 @@ async def event_stream(
     include_usage = bool(options and options.include_usage)
     continuous = bool(options and options.continuous_usage_stats)
     num_prompt = seqs[0].num_prompt_tokens
-    states = [ChoiceStream(shape.parser, shape.echo(seq)) for seq in seqs]
+    states = [ChoiceStream(shape.parser, shape.echo(seq), shape.tool_parser) for seq in seqs]
 
     def running_usage() -> P.Usage | None:
         return usage(num_prompt, sum(s.num_tokens for s in states)) if continuous else None
@@ -100,7 +106,8 @@ async def event_stream(
         async for i, out in merge(engine, seqs):
             delta = states[i].due(out, every, always=continuous)  # usage stats: every token counts
             if delta is not None:
-                yield sse(shape.chunk([shape.stream_choice(i, out, delta)], running_usage()))
+                for choice in shape.stream_choices(i, out, delta):
+                    yield sse(shape.chunk([choice], running_usage()))
         if include_usage:
             yield sse(shape.chunk([], shape.stream_usage(num_prompt, [s.last for s in states])))
     except Exception as exc:  # the response has started: the error goes in the stream

@@ -20,6 +20,7 @@ MAPPED = {
     "--seed": "engine.seed",
     "--served-model-name": "server.served_model_name",
     "--reasoning-parser": "server.reasoning_parser",
+    "--tool-call-parser": "model.tool_parser",
     "--max-concurrency": "server.max_concurrency",
     "--revision": "model.revision",
     # fdkit's own, in the same style
@@ -28,7 +29,8 @@ MAPPED = {
     "--kv-cache-gib": "engine.kv_cache_gib",
 }
 # string-valued: set on the typed config after composing, never pasted into Hydra's override grammar
-TEXT = {"--host", "--served-model-name", "--reasoning-parser", "--revision", "--dtype", "--device"}
+TEXT = {"--host", "--served-model-name", "--reasoning-parser", "--tool-call-parser", "--revision", "--dtype"}
+TEXT |= {"--device"}
 MAPPED_SWITCHES = {"--enable-expert-parallel": "engine.expert_parallel"}  # given: the key is true
 ALIASES = {"-tp": "--tensor-parallel-size"}
 
@@ -79,7 +81,7 @@ IGNORED: dict[str, dict[str, str]] = {
         "--rsync-config": VALUE,
         "--model-impl": VALUE,
     },
-    "fdkit parses no tool calls yet": {"--tool-call-parser": VALUE, "--tool-parser-plugin": VALUE},
+    "fdkit loads no tool-parser plugins (its parsers: model.tool_parser)": {"--tool-parser-plugin": VALUE},
     "fdkit runs paddle in dygraph mode (no CUDA graphs, no warm-up needed)": {
         "--use-warmup": VALUE,
         "--graph-optimization-config": VALUE,
