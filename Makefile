@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BENCH_MODEL := .cache/ernie_0.3b
 
-.PHONY: setup test lint format serve bench browser clean
+.PHONY: setup test lint format serve bench browser netns clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -35,7 +35,17 @@ browser:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	fi
 
-test: browser lint
+# The multi-host test (tests/test_multihost.py) makes network namespaces with iproute2's `ip` (needs root).
+netns:
+	@if ! command -v ip >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" != 0 ]; then \
+	    echo "note: the multi-host test needs root and iproute2: it will be skipped" >&2; \
+	  else \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 >/dev/null; \
+	  fi; \
+	fi
+
+test: browser netns lint
 	$(BIN)/python -m pytest -q
 
 # Serves the default model (the embedded demo) on port 8188; extra Hydra overrides via ARGS="tp=1 ...".

@@ -52,6 +52,14 @@ class EngineConfig:
     dist_host: str = "127.0.0.1"
     dist_port: int | None = None
     rank_start_timeout_s: float = 600.0  # ranks that are not ready by then fail the start
+    # several hosts (tp ranks split evenly over nnodes): node 0 runs the server and ranks 0..tp/nnodes-1,
+    # node k runs `fdkit rank ... engine.node_rank=k` (paddle.distributed.launch's --nnodes / --rank)
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str | None = None  # node 0's address the other nodes reach (paddle's --master host)
+    master_port: int = 8790  # node 0's control port, where the other nodes join (open it between hosts)
+    dist_secret: str | None = None  # shared by every node (conf: ${oc.env:FDKIT_DIST_SECRET}); never sent
+    dist_ifname: str | None = None  # the collectives' network interface; None: the one of the node's address
     expert_parallel: bool = False  # tp > 1, MoE: each rank holds 1/tp of the routed experts whole
 
 
@@ -116,6 +124,7 @@ class FdkitConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     playground: PlaygroundConfig = field(default_factory=PlaygroundConfig)
     tp: int = 1
+    dp: int = 1
 
 
 def register_configs() -> None:

@@ -1,5 +1,6 @@
 """`run(cfg)`: build the engine from a composed config and serve it. `launch.py` and `fdkit serve`
-are its Hydra fronts.
+are its Hydra fronts. With `engine.node_rank` > 0 (`fdkit rank`) it runs instead that node's ranks of
+a multi-host engine, for node 0's server (`run_node`).
 
 SIGTERM (or Ctrl-C) drains: the server stops admitting (503s, /health 503, the port stays open so they
 are answered), lets running requests finish within `server.shutdown_grace_s`, ends the rest with an
@@ -25,13 +26,15 @@ from typing import TYPE_CHECKING
 import uvicorn
 from omegaconf import DictConfig, OmegaConf
 
-from fdkit.checkpoint import CheckpointError
+from fdkit.checkpoint import CheckpointError, CheckpointReader
 from fdkit.config import FdkitConfig, to_config
+from fdkit.engine.rank_nodes import ClusterError
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
     from fdkit.engine.async_engine import AsyncLLM
+    from fdkit.engine.replicas import ReplicaSet
 
 logger = logging.getLogger("fdkit")
 FLUSH_S = 5.0  # after the drain: how long uvicorn waits for connections to close
@@ -43,8 +46,9 @@ class StartupError(RuntimeError):
 
 
 # one line and exit status 1, no traceback: a port in use, a model or tokenizer not found
-# (ModelNotFoundError is a FileNotFoundError), a checkpoint that cannot load, the memory plan's PlanError
-STARTUP_ERRORS = (StartupError, FileNotFoundError, CheckpointError)
+# (ModelNotFoundError is a FileNotFoundError), a checkpoint that cannot load, the memory plan's PlanError,
+# nodes that cannot form the engine
+STARTUP_ERRORS = (StartupError, FileNotFoundError, CheckpointError, ClusterError)
 
 
 def configure_logging() -> None:
@@ -52,8 +56,19 @@ def configure_logging() -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a model download's every request otherwise
 
 
-def build_engine(cfg: FdkitConfig, on_fatal=None) -> AsyncLLM:
-    """The engine in its own process (a crash there cannot take the server down), supervised."""
+def build_engine(cfg: FdkitConfig, on_fatal=None) -> AsyncLLM | ReplicaSet:
+    """The engine in its own process (a crash there cannot take the server down), supervised; `dp`
+    replicas of it behind one front when dp > 1."""
+    from fdkit.engine.replicas import ReplicaSet
+
+    if cfg.dp < 1:
+        raise StartupError(f"dp={cfg.dp}: the number of engine replicas must be at least 1")
+    if cfg.dp > 1:
+        return ReplicaSet(cfg, _supervised_engine, on_fatal)
+    return _supervised_engine(cfg, on_fatal)
+
+
+def _supervised_engine(cfg: FdkitConfig, on_fatal=None) -> AsyncLLM:
     from fdkit.engine.async_engine import AsyncLLM
     from fdkit.llm import LLM
 
@@ -70,6 +85,9 @@ def _loggable(cfg: FdkitConfig) -> str:
 def run(cfg: DictConfig | FdkitConfig) -> None:
     configure_logging()
     cfg = to_config(cfg)
+    if cfg.engine.node_rank > 0:
+        run_node(cfg)
+        return
     logger.info("resolved config:\n%s", _loggable(cfg))
     engine_died = threading.Event()
 
@@ -94,6 +112,22 @@ def run(cfg: DictConfig | FdkitConfig) -> None:
         logger.info("engine stopped")
     if server.exit_code:
         raise SystemExit(server.exit_code)
+
+
+def run_node(cfg: FdkitConfig) -> None:
+    """Node K > 0 of a multi-host engine: runs this node's ranks of each engine node 0's server starts,
+    until node 0 stays away; a config that cannot work, or a node 0 out of reach, is one line, status 1."""
+    from fdkit.engine.rank_agent import serve_node
+    from fdkit.hub import resolve_model
+
+    model = cfg.model
+    try:
+        path = resolve_model(model.path, model.download, model.revision)
+        CheckpointReader(path)  # the weight files are all there, before node 0 counts on this node
+        serve_node(cfg, path)
+    except STARTUP_ERRORS as exc:
+        logger.error("node %d stops: %s", cfg.engine.node_rank, " ".join(str(exc).split()))
+        raise SystemExit(1) from None
 
 
 def check_ports_free(cfg: FdkitConfig) -> None:

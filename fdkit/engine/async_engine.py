@@ -88,15 +88,7 @@ class AsyncLLM:
         """Tokenizes and validates off the event loop, and reserves `request_id` until the request's
         stream ends; raises ValueError for a bad request or an id in use."""
         self._check_healthy()
-        pending = _Pending()
-        self._request_ids.take(request_id, pending)
-        try:
-            loop = asyncio.get_running_loop()
-            seq = await loop.run_in_executor(None, self.llm.make_sequence, prompt, params, request_id)
-        finally:
-            self._request_ids.release(request_id, pending)
-        self._request_ids.take(request_id, seq)
-        return seq
+        return await prepare_sequence(self.llm, self._request_ids, prompt, params, request_id)
 
     async def stream(self, seq: Sequence) -> AsyncIterator[RequestOutput]:
         """Runs a prepared request and yields its outputs; leaving early aborts it. Raises
@@ -153,6 +145,21 @@ class AsyncLLM:
         self._supervisor.stop(timeout)
         self._listeners.fail(self._listeners.ids(), lambda: EngineDeadError("the engine is shutting down"))
         self.llm.close()
+
+
+async def prepare_sequence(
+    llm: LLM, request_ids: RequestIds, prompt: Prompt, params: SamplingParams, request_id: str
+) -> Sequence:
+    """`llm.make_sequence` off the event loop, `request_id` held in `request_ids` meanwhile and after."""
+    pending = _Pending()
+    request_ids.take(request_id, pending)
+    try:
+        loop = asyncio.get_running_loop()
+        seq = await loop.run_in_executor(None, llm.make_sequence, prompt, params, request_id)
+    finally:
+        request_ids.release(request_id, pending)
+    request_ids.take(request_id, seq)
+    return seq
 
 
 class _Pending:

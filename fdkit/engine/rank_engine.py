@@ -1,11 +1,13 @@
 """The engine over rank processes: the same API as `LLMEngine`, served by `config.tp` processes (one for
-a server's tp=1 engine, so that a forward pass never holds the server's GIL).
+a server's tp=1 engine, so that a forward pass never holds the server's GIL), on this host or split over
+`engine.nnodes` hosts (fdkit/engine/rank_nodes.py).
 
 Rank 0 holds the engine core (scheduler, KV bookkeeping, sampler, detokenizer) and its shard of the
 model; ranks 1..N-1 hold only their shards (`fdkit/engine/rank_worker.py`). The driver (the caller's
-process) talks to rank 0 only, one request and one reply per call, and watches every rank: if one dies,
-the others are killed and the engine reports itself dead, so nothing hangs on a collective. A request
-that fails on rank 0 (a step that raised) comes back as RequestFailedError; the engine serves on.
+process) talks to rank 0 only, one request and one reply per call, and watches every rank (another
+node's through its agent): if one dies, the others are killed and the engine reports itself dead, so
+nothing hangs on a collective. A request that fails on rank 0 (a step that raised) comes back as
+RequestFailedError; the engine serves on.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from fdkit.checkpoint import CheckpointError
 from fdkit.config import FdkitConfig, to_dict
 from fdkit.engine.llm_engine import EngineDeadError, RequestFailedError, RequestOutput
 from fdkit.engine.rank_messages import DeltaDecoder
+from fdkit.engine.rank_nodes import NodeLink, check_nodes, interface_towards, join_nodes, local_ranks
 from fdkit.engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
@@ -43,7 +46,8 @@ class RankEngine:
         self._closed = False
         self._is_stopped = False
         self._outputs = DeltaDecoder()
-        self.processes, self._conn = start_ranks(config, model_path)
+        check_nodes(config)
+        self.processes, self.nodes, self._conn = start_ranks(config, model_path)
         try:
             info = self._call(("hello",), timeout=config.engine.rank_start_timeout_s)
         except BaseException:
@@ -52,11 +56,19 @@ class RankEngine:
         self.max_model_len, self.vocab_size = info["max_model_len"], info["vocab_size"]
         self.rank_info = info["ranks"]
         kind = "tensor-parallel" if config.tp > 1 else "out-of-process"
-        logger.info("%s engine ready: %d ranks, pids %s", kind, config.tp, self.rank_pids)
+        where = f" over {config.engine.nnodes} nodes" if self.nodes else ""
+        pids = [rank["pid"] for rank in self.rank_info]
+        logger.info("%s engine ready: %d ranks%s, pids %s", kind, config.tp, where, pids)
 
     @property
     def rank_pids(self) -> list[int]:
+        """The pids of this host's ranks."""
         return [p.pid for p in self.processes]
+
+    @property
+    def members(self) -> list[RankProcess | NodeLink]:
+        """What the engine watches: this host's ranks, and the other nodes' agents."""
+        return [*self.processes, *self.nodes]
 
     def add_sequence(self, seq: Sequence) -> str:
         if seq.request_id in self.requests:
@@ -96,9 +108,12 @@ class RankEngine:
         """Raises EngineDeadError if a rank has died (cheap: a poll of each process)."""
         if self.error is not None:
             raise EngineDeadError(self.error)
-        dead = [p.pid for p in self.processes if not p.is_alive()]
+        self._check_members()
+
+    def _check_members(self) -> None:
+        dead = [member.name for member in self.members if not member.is_alive()]
         if dead:
-            self._fail(f"rank process(es) {dead} stopped")
+            self._fail(f"rank process(es) stopped: {', '.join(dead)}")
 
     def close(self) -> None:
         if self._closed:
@@ -112,7 +127,7 @@ class RankEngine:
     def _stop_ranks(self, grace_s: float = 5.0) -> None:
         if not self._is_stopped:  # once: a reaped rank's pid may belong to another process later
             self._is_stopped = True
-            stop_ranks(self.processes, grace_s)
+            stop_ranks(self.members, grace_s)
 
     def _call(self, message: tuple, timeout: float | None = None):
         """Sends one message to rank 0 and waits for its reply, watching every rank while it waits."""
@@ -122,9 +137,7 @@ class RankEngine:
         try:
             self._conn.send(message)
             while not wait([self._conn], timeout=0.2):
-                dead = [p.pid for p in self.processes if not p.is_alive()]
-                if dead:
-                    self._fail(f"rank process(es) {dead} stopped")
+                self._check_members()
                 if deadline is not None and time.time() > deadline:
                     self._fail(f"rank 0 did not answer {message[0]!r} within {timeout} s")
             status, payload, *stats = self._conn.recv()  # rank 0's replies carry its stats
@@ -154,71 +167,99 @@ class RankProcess:
     def __init__(self, rank: int, args: dict):
         command = [sys.executable, "-m", "fdkit.engine.rank_worker"]
         self.rank = rank
-        # its arguments (the config, the authkey) go through stdin: a command line is public in `ps`
+        # its arguments (the config, the authkeys) go through stdin: a command line is public in `ps`
         self.popen = subprocess.Popen(command, stdin=subprocess.PIPE, start_new_session=True)
         self.popen.stdin.write(json.dumps({**args, "rank": rank}).encode())
         self.popen.stdin.close()
         self.pid = self.popen.pid
 
+    @property
+    def name(self) -> str:
+        return f"rank {self.rank} (pid {self.pid})"
+
     def is_alive(self) -> bool:
         return self.popen.poll() is None
 
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)  # the rank and what paddle started under it
+        self.popen.wait(5)
 
-def start_ranks(config: FdkitConfig, model_path: Path) -> tuple[list[RankProcess], Connection]:
-    world_size, engine = config.tp, config.engine
-    ports = (
-        [engine.dist_port + k for k in range(world_size + 1)]
-        if engine.dist_port
-        else free_ports(world_size + 1)
-    )
-    authkey = secrets.token_bytes(16)
+
+def start_ranks(
+    config: FdkitConfig, model_path: Path
+) -> tuple[list[RankProcess], list[NodeLink], Connection]:
+    """This host's ranks, and (engine.nnodes > 1) the other nodes' agents, which start theirs."""
+    engine = config.engine
+    job, authkey = rank_job(config), secrets.token_bytes(16)
     listener = Listener(("127.0.0.1", 0), authkey=authkey)
-    args = {
-        "world_size": world_size,
-        "config": _rank_config(config),
-        "model_path": str(model_path),
-        "endpoints": [f"{engine.dist_host}:{port}" for port in ports[:world_size]],
-        "driver": list(listener.address),
-        "rank0_listen": [engine.dist_host, ports[world_size]],
-        "authkey": authkey.hex(),
-    }
-    processes = [RankProcess(rank, args) for rank in range(world_size)]
+    args = {**job, "model_path": str(model_path), "driver": list(listener.address), "authkey": authkey.hex()}
+    if engine.nnodes > 1:  # rank 0's listener also takes other hosts' ranks: they know the shared secret
+        args["peer_authkey"] = engine.dist_secret.encode().hex()
+        args["ifname"] = engine.dist_ifname or interface_towards(engine.master_addr)
+    processes = [RankProcess(rank, args) for rank in local_ranks(config, 0)]
     accepted: list[Connection] = []
     thread = threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True)
-    thread.start()  # rank 0 reports in; meanwhile, watch that no rank has died
-    deadline = time.time() + engine.rank_start_timeout_s
-    while thread.is_alive() and all(p.is_alive() for p in processes) and time.time() < deadline:
-        thread.join(0.2)
-    listener.close()
-    if not accepted:
+    thread.start()  # rank 0 reports in; meanwhile, the other nodes join and no rank may die
+    nodes: list[NodeLink] = []
+    try:
+        if engine.nnodes > 1:
+            nodes = join_nodes(config, job, lambda: all(p.is_alive() for p in processes))
+        deadline = time.time() + engine.rank_start_timeout_s
+        while thread.is_alive() and all(p.is_alive() for p in processes) and time.time() < deadline:
+            thread.join(0.2)
+    except BaseException:
         stop_ranks(processes, grace_s=0)
+        raise
+    finally:
+        listener.close()
+    if not accepted:
+        stop_ranks([*processes, *nodes], grace_s=0)
         raise EngineDeadError("the rank processes did not start (see their output above)")
-    return processes, accepted[0]
+    return processes, nodes, accepted[0]
+
+
+def rank_job(config: FdkitConfig) -> dict:
+    """What every rank is told, on any node: the world, the config, where rank 0 listens."""
+    world_size, engine = config.tp, config.engine
+    host = engine.master_addr if engine.nnodes > 1 else engine.dist_host
+    num_ports = world_size + 1
+    ports = (
+        [engine.dist_port + k for k in range(num_ports)] if engine.dist_port else free_ports(num_ports, host)
+    )
+    return {
+        "world_size": world_size,
+        "num_local_ranks": world_size // engine.nnodes,
+        "config": _rank_config(config),
+        # paddle's group meets at the first endpoint (its TCP store); the others only name the ranks
+        "endpoints": [f"{host}:{port}" for port in ports[:world_size]],
+        "rank0_listen": [host, ports[world_size]],
+    }
 
 
 def _rank_config(config: FdkitConfig) -> dict:
-    """The config as ranks get it: without the server's API keys, which they do not need."""
+    """The config as ranks get it: without the server's API keys and the nodes' secret, which they do not
+    need (and which must not go over the network to another node)."""
     values = to_dict(config)
     values["server"]["api_keys"] = []
+    values["engine"]["dist_secret"] = None
     return values
 
 
-def stop_ranks(processes: list[RankProcess], grace_s: float = 5.0) -> None:
-    """Waits briefly for a clean exit, then kills each rank with its whole process group."""
+def stop_ranks(members: list, grace_s: float = 5.0) -> None:
+    """Waits briefly for a clean exit, then kills each rank (another node's: through its agent)."""
     deadline = time.time() + grace_s
-    while time.time() < deadline and any(p.is_alive() for p in processes):
+    while time.time() < deadline and any(m.is_alive() for m in members):
         time.sleep(0.05)
-    for process in processes:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGKILL)  # the rank and what paddle started under it
-        process.popen.wait(5)
+    for member in members:
+        member.kill()
 
 
-def free_ports(count: int) -> list[int]:
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
     sockets = [socket.socket() for _ in range(count)]
     try:
         for s in sockets:
-            s.bind(("127.0.0.1", 0))
+            s.bind((host, 0))
         return [s.getsockname()[1] for s in sockets]
     finally:
         for s in sockets:

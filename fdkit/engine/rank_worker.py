@@ -1,4 +1,5 @@
-"""Inside a rank process: `python -m fdkit.engine.rank_worker ARGS_JSON` (started by `RankEngine`).
+"""Inside a rank process: `python -m fdkit.engine.rank_worker` with its arguments as JSON on stdin
+(started by `RankEngine`, or on another node by its agent: fdkit/engine/rank_agent.py).
 
 Rank 0 runs the engine core and, per step, sends each other rank one small message (the new token ids,
 lengths and block tables of the batch); all ranks then run the forward pass, meeting in paddle's
@@ -32,18 +33,21 @@ def rank_main(args: dict) -> None:
     rank, world_size = args["rank"], args["world_size"]
     log_format = f"%(asctime)s %(levelname)s rank {rank} %(name)s: %(message)s"
     logging.basicConfig(level=logging.WARNING, format=log_format)
-    authkey = bytes.fromhex(args["authkey"])
-    conn = _connect(tuple(args["driver"]) if rank == 0 else tuple(args["rank0_listen"]), authkey)
+    peer_authkey = bytes.fromhex(
+        args.get("peer_authkey") or args["authkey"]
+    )  # other hosts: the shared secret
+    if rank == 0:
+        conn = _connect(tuple(args["driver"]), bytes.fromhex(args["authkey"]))
+    else:
+        conn = _connect(tuple(args["rank0_listen"]), peer_authkey)
     try:
-        config = to_config(args["config"])
-        device = config.engine.device
-        if device.startswith("gpu"):
-            config.engine.device = f"gpu:{rank}"
-        peers = _accept_peers(args, authkey) if rank == 0 and world_size > 1 else []
+        config = _local_config(args)
+        device = config.engine.device  # "cpu", or this rank's "gpu:N"
+        peers = _accept_peers(args, peer_authkey) if rank == 0 and world_size > 1 else []
         if rank > 0:
             conn.send(rank)
         if world_size > 1:
-            _init_process_group(rank, world_size, device, args["endpoints"])
+            _init_process_group(rank, world_size, device, args["endpoints"], args.get("ifname"))
         model_path = Path(args["model_path"])
         if rank == 0:
             _serve_rank0(config, model_path, conn, peers)
@@ -57,6 +61,19 @@ def rank_main(args: dict) -> None:
         with contextlib.suppress(Exception):
             conn.send(("error", f"rank {rank}: {traceback.format_exc()}"))
         raise
+
+
+def _local_config(args: dict) -> FdkitConfig:
+    """The config as this rank runs it: its GPU is its index on this host, and (threads=0) the host's
+    cores are shared among the ranks on this host only."""
+    config = to_config(args["config"])
+    num_local_ranks = args.get("num_local_ranks", args["world_size"])
+    local_rank = args["rank"] % num_local_ranks
+    if config.engine.device.startswith("gpu"):
+        config.engine.device = f"gpu:{local_rank}"
+    if config.engine.threads == 0 and num_local_ranks < args["world_size"]:
+        config.engine.threads = max(1, len(os.sched_getaffinity(0)) // num_local_ranks)
+    return config
 
 
 def _accept_peers(args: dict, authkey: bytes) -> list[Connection]:
@@ -84,7 +101,10 @@ def _connect(address: tuple, authkey: bytes, timeout_s: float = 60.0) -> Connect
             time.sleep(0.05)
 
 
-def _init_process_group(rank: int, world_size: int, device: str, endpoints: list[str]) -> None:
+def _init_process_group(
+    rank: int, world_size: int, device: str, endpoints: list[str], ifname: str | None
+) -> None:
+    """Paddle's process group, from the variables paddle.distributed.launch would set."""
     backend = "gloo" if device == "cpu" else "nccl"
     os.environ.update(
         {
@@ -92,14 +112,17 @@ def _init_process_group(rank: int, world_size: int, device: str, endpoints: list
             "PADDLE_TRAINERS_NUM": str(world_size),
             "PADDLE_TRAINER_ENDPOINTS": ",".join(endpoints),
             "PADDLE_CURRENT_ENDPOINT": endpoints[rank],
+            "PADDLE_MASTER": endpoints[0],
             "PADDLE_DISTRI_BACKEND": backend,
         }
     )
+    if ifname:  # across hosts: the interface the other nodes reach (else gloo may pick the loopback)
+        os.environ.update({"GLOO_SOCKET_IFNAME": ifname, "NCCL_SOCKET_IFNAME": ifname})
     import paddle
     import paddle.distributed as dist
 
     if backend == "nccl":
-        paddle.set_flags({"FLAGS_selected_gpus": str(rank)})
+        paddle.set_flags({"FLAGS_selected_gpus": device.partition(":")[2] or "0"})
     dist.init_parallel_env()
 
     from fdkit.parallel import set_parallel_state
@@ -128,6 +151,8 @@ def _serve_rank0(config: FdkitConfig, model_path: Path, conn: Connection, peers:
     ranks = [{"pid": os.getpid(), "num_parameters": _parameter_count(engine.runner.model)}]
     for peer in peers:
         status, info = peer.recv()
+        if status == "startup_error":  # another rank cannot load its shard: one line, as rank 0's own
+            raise CheckpointError(info)
         if status != "ready":
             raise RuntimeError(info)
         ranks.append(info)

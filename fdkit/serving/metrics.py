@@ -12,7 +12,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from fdkit.engine.async_engine import AsyncLLM, EngineObserver
 from fdkit.engine.llm_engine import RequestOutput
@@ -56,6 +56,7 @@ class ServerMetrics(EngineObserver):
         self.waiting.set_function(lambda: engine.num_waiting)
         self.kv_usage.set_function(lambda: engine.kv_cache_usage)
         self.registry.register(_RestartsCollector(engine))
+        self.registry.register(_ReplicasCollector(engine))
 
     def on_request(self, num_prompt_tokens: int) -> None:
         self.prompt_tokens.inc(num_prompt_tokens)
@@ -89,3 +90,45 @@ class _RestartsCollector:
         yield CounterMetricFamily(
             "fdkit:engine_restarts", "Engine restarts after a failure", value=self.engine.num_restarts
         )
+
+
+class _ReplicasCollector:
+    """`fdkit:replica_*{replica="i"}`: each engine replica's state (dp > 1; one replica "0" otherwise)."""
+
+    GAUGES = (
+        ("healthy", "1 while the replica serves, 0 while it is dead or restarting", "is_healthy"),
+        ("num_requests_in_flight", "Requests routed to the replica and not finished", "num_in_flight"),
+        ("num_requests_running", "The replica's requests being decoded", "num_running"),
+        ("num_requests_waiting", "The replica's requests waiting for KV blocks", "num_waiting"),
+        ("kv_cache_usage_perc", "Fraction of the replica's KV cache blocks in use", "kv_cache_usage"),
+    )
+    COUNTERS = (
+        ("requests_routed", "Requests the router sent to the replica", "num_routed"),
+        ("generation_tokens", "Tokens the replica generated", "num_generated"),
+    )
+
+    def __init__(self, engine: AsyncLLM):
+        self.engine = engine
+
+    def collect(self):
+        replicas = getattr(self.engine, "replicas", [self.engine])
+        for name, text, attribute in self.GAUGES:
+            values = [float(getattr(replica, attribute)) for replica in replicas]
+            yield _labelled(GaugeMetricFamily(f"fdkit:replica_{name}", text, labels=["replica"]), values)
+        restarts = [replica.num_restarts for replica in replicas]
+        family = CounterMetricFamily(
+            "fdkit:replica_engine_restarts", "The replica's restarts", labels=["replica"]
+        )
+        yield _labelled(family, restarts)
+        for name, text, attribute in self.COUNTERS:
+            counts = getattr(self.engine, attribute, None)
+            if counts is not None:  # dp > 1: the router counts them
+                yield _labelled(
+                    CounterMetricFamily(f"fdkit:replica_{name}", text, labels=["replica"]), counts
+                )
+
+
+def _labelled(family, values: list):
+    for index, value in enumerate(values):
+        family.add_metric([str(index)], value)
+    return family

@@ -1,0 +1,246 @@
+"""tp=2 over two hosts on one machine: two network namespaces joined by a veth pair, node 0 (the server,
+rank 0) in one, node 1 (`fdkit rank`, rank 1) in the other; the test reaches the API over a second veth
+pair. Needs root (as CI runs) and iproute2 (`make netns`); skipped, saying why, where namespaces cannot
+be made. The failure cases that need no second host run on the loopback."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from helpers import TEST_ENGINE
+from server_utils import ROOT, Server, free_port
+
+from fdkit import LLM, SamplingParams
+from fdkit.config import load_config
+from fdkit.engine.rank_nodes import ClusterError, check_nodes
+
+pytestmark = pytest.mark.slow
+
+SECRET = "test-secret-of-the-nodes"
+SUFFIX = os.getpid() % 10000
+NAMESPACES = (f"fdk{SUFFIX}a", f"fdk{SUFFIX}b")
+SUBNET = f"10.{200 + SUFFIX % 50}.{SUFFIX % 250}"  # node 0 is .1, node 1 is .2
+CLIENT_SUBNET = f"10.{250 + SUFFIX % 5}.{SUFFIX % 250}"  # this process is .1, node 0 is .2
+PROMPTS = ["Hello", "The quick brown fox jumps over the lazy dog", "你好，世界", "1234+5678="]
+
+
+def engine_overrides(checkpoint: Path, master: str, timeout_s: float = 60) -> list[str]:
+    return [
+        "model=ernie",
+        f"model.path={checkpoint}",
+        "model.name=ernie-tiny",
+        "playground.enabled=false",
+        "tp=2",
+        "engine.nnodes=2",
+        f"engine.master_addr={master}",
+        f"engine.master_port={free_port()}",
+        f"engine.rank_start_timeout_s={timeout_s}",
+        *[f"engine.{k}={v}" for k, v in TEST_ENGINE.items()],
+    ]
+
+
+def sh(*command: str) -> None:
+    subprocess.run(command, check=True, capture_output=True, text=True)
+
+
+def make_hosts() -> None:
+    a, b = NAMESPACES
+    for ns in NAMESPACES:
+        sh("ip", "netns", "add", ns)
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+    sh("ip", "link", "add", f"{a}0", "type", "veth", "peer", "name", f"{b}0")
+    sh("ip", "link", "add", f"{a}c", "type", "veth", "peer", "name", f"{a}1")
+    for link, ns, address in (
+        (f"{a}0", a, f"{SUBNET}.1"),
+        (f"{b}0", b, f"{SUBNET}.2"),
+        (f"{a}1", a, f"{CLIENT_SUBNET}.2"),
+    ):
+        sh("ip", "link", "set", link, "netns", ns)
+        sh("ip", "-n", ns, "addr", "add", f"{address}/24", "dev", link)
+        sh("ip", "-n", ns, "link", "set", link, "up")
+    sh("ip", "addr", "add", f"{CLIENT_SUBNET}.1/24", "dev", f"{a}c")
+    sh("ip", "link", "set", f"{a}c", "up")
+
+
+def remove_hosts() -> None:
+    for ns in NAMESPACES:  # their veths go with them
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def hosts():
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root (CI runs the suite as root)")
+    if shutil.which("ip") is None:
+        pytest.skip("iproute2's `ip` is missing: `make netns` installs it")
+    try:
+        make_hosts()
+    except subprocess.CalledProcessError as exc:
+        remove_hosts()
+        pytest.skip(f"cannot make network namespaces here: {' '.join(exc.cmd)}: {exc.stderr.strip()}")
+    yield NAMESPACES
+    remove_hosts()
+
+
+def in_namespace(ns: str, command: list[str], log_path: Path) -> subprocess.Popen:
+    log = open(log_path, "w")  # noqa: SIM115 - the child holds it
+    env = {**os.environ, "FDKIT_DIST_SECRET": SECRET}
+    return subprocess.Popen(
+        ["ip", "netns", "exec", ns, *command], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env
+    )
+
+
+def start_cluster(hosts, checkpoint: Path, tmp: Path) -> tuple[Server, subprocess.Popen]:
+    overrides = engine_overrides(checkpoint, f"{SUBNET}.1")
+    node1 = in_namespace(
+        hosts[1],
+        [sys.executable, "-m", "fdkit.cli", "rank", *overrides, "engine.node_rank=1"],
+        tmp / "node1.log",
+    )
+    port = free_port()
+    command = ["ip", "netns", "exec", hosts[0], sys.executable, "launch.py", *overrides]
+    command += [f"server.port={port}", "server.host=0.0.0.0", "engine.show_progress=false"]
+    server = Server(command, port, tmp / "node0.log", env={"FDKIT_DIST_SECRET": SECRET})
+    server.base_url = f"http://{CLIENT_SUBNET}.2:{port}"
+    try:
+        return server.wait_healthy(), node1
+    except BaseException:
+        node1.kill()
+        raise
+
+
+def stop_cluster(server: Server, node1: subprocess.Popen) -> None:
+    server.stop()
+    node1.send_signal(signal.SIGTERM)
+    node1.wait(10)
+
+
+@pytest.fixture(scope="module")
+def cluster(hosts, tiny_paddle, tmp_path_factory):
+    server, node1 = start_cluster(hosts, tiny_paddle, tmp_path_factory.mktemp("multihost"))
+    yield server, node1
+    stop_cluster(server, node1)
+
+
+def rank_pids(server: Server) -> list[int]:
+    found = re.findall(
+        r"engine ready: 2 ranks over 2 nodes, pids \[(\d+), (\d+)\]", server.log_path.read_text()
+    )
+    return [int(pid) for pid in found[-1]]
+
+
+def test_greedy_tokens_across_hosts_equal_tp1(cluster, tiny_paddle):
+    server, _ = cluster
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    with LLM(tiny_paddle, **TEST_ENGINE) as tp1:
+        prompts = [tp1.tokenizer.encode(p) for p in PROMPTS]
+        expected = [out.token_ids for out in tp1.generate(prompts, params, use_tqdm=False)]
+    body = {"max_tokens": 16, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+    got = []
+    for token_ids in prompts:
+        response = httpx.post(
+            server.base_url + "/v1/completions", json={**body, "prompt_token_ids": token_ids}, timeout=60
+        )
+        assert response.status_code == 200, response.text
+        got.append(response.json()["choices"][0]["completion_token_ids"])
+    assert got == expected
+    log = server.log_path.read_text()
+    assert "node 1 joined" in log and f"{SUBNET}.1" in log
+
+
+def test_the_secret_is_on_no_command_line(cluster):
+    server, node1 = cluster
+    for pid in [*rank_pids(server), server.process.pid, node1.pid]:
+        assert SECRET.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
+def test_a_rank_killed_on_the_other_host_fails_cleanly_then_rejoins(cluster):
+    server, _ = cluster
+    remote_rank = rank_pids(server)[1]
+    body = {"prompt": "hi", "max_tokens": 400, "stream": True, "ignore_eos": True}
+    start, lines = time.time(), []
+    with httpx.stream("POST", server.base_url + "/v1/completions", json=body, timeout=60) as response:
+        for line in response.iter_lines():
+            if line:
+                lines.append(line)
+            if len(lines) == 3:
+                os.kill(remote_rank, signal.SIGKILL)
+    assert lines[-1] == "data: [DONE]" and any('"engine_unavailable"' in line for line in lines)
+    assert time.time() - start < 30
+    assert httpx.get(server.base_url + "/health").status_code == 503
+    deadline = time.time() + 90  # the engine restarts; node 1's agent joins it again
+    while httpx.get(server.base_url + "/health").status_code != 200 and time.time() < deadline:
+        time.sleep(0.5)
+    response = httpx.post(
+        server.base_url + "/v1/completions", json={"prompt": "hi", "max_tokens": 4}, timeout=60
+    )
+    assert response.status_code == 200 and rank_pids(server)[1] != remote_rank
+
+
+# -- failures that need no second host -------------------------------------------------------------
+
+
+def run_to_exit(command: list[str], env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        command, cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_a_missing_node_and_a_wrong_secret_are_one_line_each(tiny_paddle):
+    overrides = engine_overrides(tiny_paddle, "127.0.0.1", timeout_s=15)
+    command = [sys.executable, "launch.py", *overrides, f"server.port={free_port()}", "server.host=127.0.0.1"]
+    env = {**os.environ, "FDKIT_DIST_SECRET": SECRET}
+    node0 = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        time.sleep(3)
+        node1 = [sys.executable, "-m", "fdkit.cli", "rank", *overrides, "engine.node_rank=1"]
+        wrong = run_to_exit(node1, {"FDKIT_DIST_SECRET": "another"})
+        output, _ = node0.communicate(timeout=120)
+    finally:
+        node0.kill()
+    assert wrong.returncode == 1 and "refused this node's secret" in wrong.stdout + wrong.stderr
+    assert node0.returncode == 1
+    assert (
+        "cannot start: node(s) [1] did not join node 0 at 127.0.0.1" in output and "Traceback" not in output
+    )
+
+
+def test_an_unreachable_node_0_is_one_line(tiny_paddle):
+    overrides = engine_overrides(tiny_paddle, "127.0.0.1", timeout_s=2)
+    result = run_to_exit(
+        [sys.executable, "-m", "fdkit.cli", "rank", *overrides, "engine.node_rank=1"],
+        {"FDKIT_DIST_SECRET": SECRET},
+    )
+    assert result.returncode == 1
+    assert (
+        "node 1 stops: cannot reach node 0 at 127.0.0.1" in result.stderr and "Traceback" not in result.stderr
+    )
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["tp=3", "engine.nnodes=2"], "must split evenly"),
+        (["tp=2", "engine.nnodes=2"], "needs engine.master_addr"),
+        (
+            ["tp=2", "engine.nnodes=2", "engine.master_addr=10.0.0.1", "engine.dist_secret=null"],
+            "shared secret",
+        ),
+        (["tp=2", "engine.nnodes=2", "engine.node_rank=2"], "must be in [0, engine.nnodes=2)"),
+        (["dp=2", "tp=2", "engine.nnodes=2", "engine.master_addr=h", "engine.dist_secret=s"], "dp > 1"),
+    ],
+)
+def test_configs_that_cannot_form_nodes_are_refused(overrides, message):
+    with pytest.raises(ClusterError, match=re.escape(message)):
+        check_nodes(load_config(overrides))
