@@ -38,9 +38,10 @@ Prompt = str | list[int]
 def build_engine(
     config: FdkitConfig, model_path: Path, tokenizer: Tokenizer, in_process: bool = True
 ) -> LLMEngine | RankEngine:
-    """The engine core the config asks for; both kinds have the same API. tp > 1, or `in_process=False`,
-    runs it in rank processes (a server's event loop then never waits on a forward pass for the GIL)."""
-    if config.tp > 1 or not in_process:
+    """The engine core the config asks for; both kinds have the same API. tp > 1, several hosts, or
+    `in_process=False` run it in rank processes (a server's event loop then never waits on a forward
+    pass for the GIL)."""
+    if config.tp > 1 or config.engine.nnodes > 1 or not in_process:
         return RankEngine(config, model_path)
     return LLMEngine(config, model_path, tokenizer)
 

@@ -232,6 +232,7 @@ def test_an_unreachable_node_0_is_one_line(tiny_paddle):
     "overrides, message",
     [
         (["tp=3", "engine.nnodes=2"], "must split evenly"),
+        (["tp=1", "engine.nnodes=2"], "cannot give each of engine.nnodes=2 nodes a rank"),
         (["tp=2", "engine.nnodes=2"], "needs engine.master_addr"),
         (
             ["tp=2", "engine.nnodes=2", "engine.master_addr=10.0.0.1", "engine.dist_secret=null"],

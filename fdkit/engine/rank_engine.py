@@ -30,7 +30,14 @@ from fdkit.checkpoint import CheckpointError
 from fdkit.config import FdkitConfig, to_dict
 from fdkit.engine.llm_engine import EngineDeadError, RequestFailedError, RequestOutput
 from fdkit.engine.rank_messages import DeltaDecoder
-from fdkit.engine.rank_nodes import NodeLink, check_nodes, interface_towards, join_nodes, local_ranks
+from fdkit.engine.rank_nodes import (
+    ClusterError,
+    NodeLink,
+    check_nodes,
+    interface_towards,
+    join_nodes,
+    local_ranks,
+)
 from fdkit.engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
@@ -47,6 +54,8 @@ class RankEngine:
         self._is_stopped = False
         self._outputs = DeltaDecoder()
         check_nodes(config)
+        if config.engine.node_rank != 0:
+            raise ClusterError(f"node {config.engine.node_rank} runs `fdkit rank`; the engine runs on node 0")
         self.processes, self.nodes, self._conn = start_ranks(config, model_path)
         try:
             info = self._call(("hello",), timeout=config.engine.rank_start_timeout_s)

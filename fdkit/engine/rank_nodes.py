@@ -45,6 +45,8 @@ def check_nodes(config: FdkitConfig) -> None:
         )
     if engine.nnodes == 1:
         return
+    if config.tp < engine.nnodes:
+        raise ClusterError(f"tp={config.tp} cannot give each of engine.nnodes={engine.nnodes} nodes a rank")
     if config.tp % engine.nnodes:
         raise ClusterError(f"tp={config.tp} must split evenly over engine.nnodes={engine.nnodes}")
     if not engine.master_addr:
@@ -65,7 +67,10 @@ def local_ranks(config: FdkitConfig, node_rank: int) -> list[int]:
 def interface_towards(host: str) -> str | None:
     """The network interface this host reaches `host` from (its own address: the interface holding it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.connect((host, 9))  # UDP: no packet is sent, the kernel only picks the route
+        try:
+            probe.connect((host, 9))  # UDP: no packet is sent, the kernel only picks the route
+        except OSError as exc:
+            raise ClusterError(f"this host has no route to engine.master_addr={host}: {exc}") from exc
         local_ip = probe.getsockname()[0]
         for _, name in socket.if_nameindex():
             with contextlib.suppress(OSError):  # an interface without an IPv4 address

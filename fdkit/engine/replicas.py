@@ -1,8 +1,9 @@
 """Data parallelism: `dp` engine replicas (each of `tp` ranks) behind the one API process.
 
-`ReplicaSet` has AsyncLLM's API. It tokenizes once (every replica serves the same model), then routes
-each request to the least-loaded replica that is serving: the fewest requests in flight (waiting or
-running), ties to the one that was given fewer so far. Each replica keeps its own engine thread and
+`ReplicaSet` has the AsyncLLM API the server uses (prepare, stream, abort, fail_all, the state,
+shutdown). It tokenizes once (every replica serves the same model), then routes each request to the
+least-loaded replica that is serving: the fewest requests in flight (waiting or running), ties to the
+one that was given fewer so far. Each replica keeps its own engine thread and
 supervisor: a dead replica takes no new requests while it restarts (or for good, once its restarts are
 used up) and the others serve on; the server gives up only when every replica has.
 """
@@ -103,13 +104,6 @@ class ReplicaSet:
                 yield output
         finally:
             self._request_ids.release(seq.request_id, seq)
-
-    async def generate(
-        self, prompt: Prompt, params: SamplingParams, request_id: str
-    ) -> AsyncIterator[RequestOutput]:
-        seq = await self.prepare(prompt, params, request_id)
-        async for output in self.stream(seq):
-            yield output
 
     def pick(self) -> AsyncLLM:
         """The least-loaded replica that serves (EngineDeadError if none does)."""
