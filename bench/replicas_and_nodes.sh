@@ -25,11 +25,20 @@ bench() {  # name url levels
   "$PY" -m fdkit.bench serve --base-url "$2" --concurrency "$3" --max-tokens 64 | tee -a "$OUT/results.txt"
 }
 
+greedy_ids() {  # name url: 32 greedy token ids of each of 4 prompts
+  for prompt in "The capital of France is" "1234+5678=" "你好，世界" "Once upon a time"; do
+    curl -s "$2/v1/completions" -H 'Content-Type: application/json' -d "{\"prompt\": \"$prompt\",
+      \"max_tokens\": 32, \"temperature\": 0, \"ignore_eos\": true, \"return_token_ids\": true}" |
+      "$PY" -c 'import json, sys; print(json.load(sys.stdin)["choices"][0]["completion_token_ids"])'
+  done > "$OUT/$1.tokens"
+}
+
 serve() {  # name levels overrides...
   local name=$1 levels=$2; shift 2
   "$PY" launch.py "${COMMON[@]}" server.host=127.0.0.1 server.port=8716 "$@" > "$OUT/$name.log" 2>&1 &
   local pid=$!
   wait_healthy http://127.0.0.1:8716 $pid
+  greedy_ids "$name" http://127.0.0.1:8716
   bench "$name" http://127.0.0.1:8716 "$levels"
   kill -TERM $pid; wait $pid || true
 }
@@ -54,6 +63,11 @@ NODE1=$!
 ip netns exec fdkbenchA "$PY" launch.py "${COMMON[@]}" "${NODES[@]}" server.host=0.0.0.0 server.port=8716 > "$OUT/tp2_two_hosts.log" 2>&1 &
 NODE0=$!
 wait_healthy http://10.232.0.2:8716 $NODE0
+greedy_ids tp2_two_hosts http://10.232.0.2:8716
 bench tp2_two_hosts http://10.232.0.2:8716 1,8
 kill -TERM $NODE0; wait $NODE0 || true
 kill -TERM $NODE1; wait $NODE1 || true
+for name in dp2 tp2_one_host tp2_two_hosts; do
+  if cmp -s "$OUT/one_engine.tokens" "$OUT/$name.tokens"; then same=identical; else same=DIFFERENT; fi
+  echo "greedy token ids of $name against one engine (tp=1): $same" | tee -a "$OUT/results.txt"
+done

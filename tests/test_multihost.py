@@ -245,3 +245,24 @@ def test_an_unreachable_node_0_is_one_line(tiny_paddle):
 def test_configs_that_cannot_form_nodes_are_refused(overrides, message):
     with pytest.raises(ClusterError, match=re.escape(message)):
         check_nodes(load_config(overrides))
+
+
+def test_a_node_is_dead_when_it_says_so_goes_silent_or_hangs_up(monkeypatch):
+    from multiprocessing import Pipe
+
+    from fdkit.engine import rank_nodes
+
+    monkeypatch.setattr(rank_nodes, "SILENCE_S", 0.3)
+    links = []
+    for _ in range(3):
+        node0_end, agent_end = Pipe()
+        links.append((rank_nodes.NodeLink(1, "host-b", node0_end), agent_end))
+    (said, said_agent), (silent, silent_agent), (gone, gone_agent) = links
+    said_agent.send(("alive", 1))
+    assert said.is_alive()
+    said_agent.send(("died", "rank 1 exited with status -9"))
+    gone_agent.close()
+    time.sleep(0.4)
+    assert not said.is_alive() and "rank 1 exited with status -9" in said.name
+    assert not silent.is_alive() and "no report" in silent.name
+    assert not gone.is_alive() and "lost the connection" in gone.name

@@ -110,8 +110,8 @@ class NodeLink:
                 self._last_seen = time.time()
         except (EOFError, OSError):
             self.error = "lost the connection to its agent"
-        if time.time() - self._last_seen > SILENCE_S:
-            self.error = f"no report for {SILENCE_S:.0f} s"
+        if self.error is None and time.time() - self._last_seen > SILENCE_S:
+            self.error = f"no report for {SILENCE_S:g} s"
 
     def kill(self) -> None:
         with contextlib.suppress(OSError):
