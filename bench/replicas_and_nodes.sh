@@ -21,7 +21,7 @@ wait_healthy() {  # url pid
 }
 
 bench() {  # name url levels
-  echo "== $1" | tee -a "$OUT/results.txt"
+  echo "== $1 ($(uptime | sed 's/.*load/load/'): other work on the host skews the figures)" | tee -a "$OUT/results.txt"
   "$PY" -m fdkit.bench serve --base-url "$2" --concurrency "$3" --max-tokens 64 | tee -a "$OUT/results.txt"
 }
 
