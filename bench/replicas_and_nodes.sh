@@ -57,7 +57,8 @@ ip -n fdkbenchA addr add 10.231.0.1/24 dev fbA0; ip -n fdkbenchA link set fbA0 u
 ip -n fdkbenchB addr add 10.231.0.2/24 dev fbB0; ip -n fdkbenchB link set fbB0 up
 ip -n fdkbenchA addr add 10.232.0.2/24 dev fbA1; ip -n fdkbenchA link set fbA1 up
 ip addr add 10.232.0.1/24 dev fbC; ip link set fbC up
-NODES=(tp=2 engine.nnodes=2 engine.master_addr=10.231.0.1)
+# the two "hosts" share this machine's cores: one thread per rank, as tp=2 on one host gives each rank
+NODES=(tp=2 engine.nnodes=2 engine.master_addr=10.231.0.1 engine.threads=1)
 ip netns exec fdkbenchB "$PY" -m fdkit.cli rank "${COMMON[@]}" "${NODES[@]}" engine.node_rank=1 > "$OUT/node1.log" 2>&1 &
 NODE1=$!
 ip netns exec fdkbenchA "$PY" launch.py "${COMMON[@]}" "${NODES[@]}" server.host=0.0.0.0 server.port=8716 > "$OUT/tp2_two_hosts.log" 2>&1 &
