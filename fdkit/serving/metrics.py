@@ -12,7 +12,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from fdkit.engine.async_engine import AsyncLLM, EngineObserver
 from fdkit.engine.llm_engine import RequestOutput
@@ -56,6 +56,7 @@ class ServerMetrics(EngineObserver):
         self.waiting.set_function(lambda: engine.num_waiting)
         self.kv_usage.set_function(lambda: engine.kv_cache_usage)
         self.registry.register(_RestartsCollector(engine))
+        self.registry.register(_PrefixCacheCollector(engine))
 
     def on_request(self, num_prompt_tokens: int) -> None:
         self.prompt_tokens.inc(num_prompt_tokens)
@@ -89,3 +90,23 @@ class _RestartsCollector:
         yield CounterMetricFamily(
             "fdkit:engine_restarts", "Engine restarts after a failure", value=self.engine.num_restarts
         )
+
+
+class _PrefixCacheCollector:
+    """Prompt tokens looked up in the prefix cache and found there (vLLM's prefix_cache_queries / hits),
+    and their ratio, since the engine started."""
+
+    def __init__(self, engine: AsyncLLM):
+        self.engine = engine
+
+    def collect(self):
+        stats = self.engine.llm.stats
+        queries, hits = stats.get("prefix_cache_queries", 0), stats.get("prefix_cache_hits", 0)
+        yield CounterMetricFamily("fdkit:prefix_cache_queries", "Prompt tokens looked up", value=queries)
+        yield CounterMetricFamily("fdkit:prefix_cache_hits", "Prompt tokens found cached", value=hits)
+        rate = GaugeMetricFamily(
+            "fdkit:prefix_cache_hit_rate",
+            "Fraction of prompt tokens found cached",
+            value=hits / max(queries, 1),
+        )
+        yield rate
