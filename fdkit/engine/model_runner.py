@@ -75,7 +75,7 @@ class ModelRunner:
         paddle.seed(engine_cfg.seed)
         set_expert_parallel(engine_cfg.expert_parallel)
         with paddle.no_grad():
-            self.model = self.module.MODEL_CLASS(self.model_config, max_position=self.max_model_len)
+            self.model = self.module.MODEL_CLASS(self.model_config)
             self.model.eval()
             load_weights(self.model, self.module, Path(model_path), engine_cfg.show_progress)
         self.kv_caches = self._allocate_kv_cache()
@@ -110,26 +110,27 @@ class ModelRunner:
     def _prepare(self, steps: list[StepInput]):
         """Token ids, positions and cache addressing of the step's new tokens: sequences with one new
         token (decode) form one group, those with more (prompt chunks) another, laid out in that order."""
-        order = sorted(range(len(steps)), key=lambda i: len(steps[i].new_token_ids) > 1)
         input_ids, positions, slots, groups = [], [], [], []
         last_token_index = np.zeros(len(steps), dtype=np.int64)
         for is_chunk in (False, True):
-            members = [i for i in order if (len(steps[i].new_token_ids) > 1) == is_chunk]
+            members = [i for i, step in enumerate(steps) if (len(step.new_token_ids) > 1) == is_chunk]
             if not members:
                 continue
-            for i in members:
+            group, key_slots = self._group([steps[i] for i in members])
+            for row, i in enumerate(members):
                 step = steps[i]
                 start = step.num_tokens - len(step.new_token_ids)
                 input_ids += step.new_token_ids
                 positions += range(start, step.num_tokens)
-                slots += self._slots(step.block_table, step.num_tokens)[start:].tolist()
+                slots += key_slots[row, start : step.num_tokens].tolist()
                 last_token_index[i] = len(input_ids) - 1
-            groups.append(self._group([steps[i] for i in members]))
+            groups.append(group)
         batch = AttentionBatch(_tensor(slots), groups, paddle.to_tensor(last_token_index), self.block_size)
         return _tensor(input_ids), _tensor(positions), batch
 
-    def _group(self, steps: list[StepInput]) -> AttentionGroup:
-        """Rows padded to the longest run of new tokens (padding repeats a row's last query)."""
+    def _group(self, steps: list[StepInput]) -> tuple[AttentionGroup, np.ndarray]:
+        """The group of `steps`, rows padded to the longest run of new tokens (padding repeats a row's
+        last query), and the cache slot of each row's tokens."""
         new_lens = [len(step.new_token_ids) for step in steps]
         query_len, num_keys = max(new_lens), max(step.num_tokens for step in steps)
         key_slots = np.zeros((len(steps), num_keys), dtype=np.int64)
@@ -143,7 +144,7 @@ class ModelRunner:
             token_index += range(i * query_len, i * query_len + num_new)
             first += num_new
         identity = all(n == query_len for n in new_lens)
-        return AttentionGroup(
+        group = AttentionGroup(
             num_seqs=len(steps),
             query_len=query_len,
             num_tokens=first,
@@ -153,6 +154,7 @@ class ModelRunner:
             key_slots=paddle.to_tensor(key_slots),
             num_keys=num_keys,
         )
+        return group, key_slots
 
     def _slots(self, block_table: list[int], num_tokens: int) -> np.ndarray:
         blocks = np.asarray(block_table, dtype=np.int64)[:, None] * self.block_size

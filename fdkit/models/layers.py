@@ -33,15 +33,13 @@ class InterleavedRotaryEmbedding(nn.Layer):
 
     out = x * cos + (x @ R) * sin, where R maps each pair (a, b) to (-b, a). Paddle's CPU kernels are
     slow at broadcasting and flipping, so cos/sin are expanded to the full shape and the pair swap is a
-    small matmul.
+    small matmul. cos/sin are computed for a step's positions (no table: 128 MB at 131072 positions).
     """
 
-    def __init__(self, head_dim: int, theta: float, max_position: int):
+    def __init__(self, head_dim: int, theta: float):
         super().__init__()
         inv_freq = 1.0 / (theta ** (paddle.arange(0, head_dim, 2, dtype="float32") / head_dim))
-        freqs = paddle.outer(paddle.arange(max_position, dtype="float32"), inv_freq)  # [P, d/2]
-        self.register_buffer("cos", freqs.cos().repeat_interleave(2, axis=-1), persistable=False)
-        self.register_buffer("sin", freqs.sin().repeat_interleave(2, axis=-1), persistable=False)
+        self.register_buffer("inv_freq", inv_freq, persistable=False)
         swap = np.zeros((head_dim, head_dim), dtype=np.float32)
         swap[np.arange(1, head_dim, 2), np.arange(0, head_dim, 2)] = -1.0
         swap[np.arange(0, head_dim, 2), np.arange(1, head_dim, 2)] = 1.0
@@ -49,7 +47,8 @@ class InterleavedRotaryEmbedding(nn.Layer):
 
     def lookup(self, positions: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
         """cos and sin [tokens, 1, head_dim] of a step, computed once for all layers."""
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        freqs = paddle.outer(positions.astype("float32"), self.inv_freq)  # [tokens, d/2]
+        return tuple(t.repeat_interleave(2, axis=-1).unsqueeze(1) for t in (freqs.cos(), freqs.sin()))
 
     def forward(
         self, cos_sin: tuple[paddle.Tensor, paddle.Tensor], *xs: paddle.Tensor
