@@ -87,19 +87,16 @@ class AttentionGroup:
         size = max(block_size, size // block_size * block_size)
         return [(start, min(start + size, self.num_keys)) for start in range(0, self.num_keys, size)]
 
-    def mask(self, start: int, end: int, shape: list[int]) -> paddle.Tensor | None:
-        """Additive mask (0 or -inf) of keys [start, end) in the scores' shape, computed once per step
-        and shared by the layers; None when every query sees every one of those keys."""
+    def mask(self, start: int, end: int) -> paddle.Tensor | None:
+        """Additive mask [num_seqs, 1, 1, query_len, end - start] (0 or -inf) of keys [start, end),
+        computed once per step and shared by the layers; None when every query sees all those keys."""
         if end - 1 <= self.query_positions.min():
             return None
-        key = (start, end, tuple(shape))
-        if key not in self._masks:
+        if (start, end) not in self._masks:
             visible = np.arange(start, end)[None, None, :] <= self.query_positions[:, :, None]
-            mask = paddle.to_tensor(np.where(visible, 0.0, -np.inf).astype(np.float32))
-            b, lq, lk = mask.shape
-            mask = mask.reshape([b, 1, 1, lq, lk]).expand([b, shape[1], shape[2] // lq, lq, lk])
-            self._masks[key] = mask.reshape(shape).clone()  # broadcast adds are slow on CPU
-        return self._masks[key]
+            mask = np.where(visible, 0.0, -np.inf).astype(np.float32)[:, None, None]
+            self._masks[start, end] = paddle.to_tensor(mask)
+        return self._masks[start, end]
 
 
 @dataclass
@@ -169,8 +166,11 @@ class PagedAttention(nn.Layer):
         for start, end in group.key_chunks(self.num_heads, block_size):
             keys, values = self._keys_values(kv_source, group, start, end)
             scores = paddle.matmul(q, keys, transpose_y=True).astype("float32")  # [b, kvh, g*lq, lk]
-            mask = group.mask(start, end, scores.shape)
-            state = _online_softmax_step(state, scores if mask is None else scores + mask, values)
+            mask = group.mask(start, end)
+            if mask is not None:  # expanded, not broadcast: broadcast adds are slow on CPU
+                shape = scores.shape
+                scores = scores + mask.expand([b, kvh, g, lq, end - start]).reshape(shape)
+            state = _online_softmax_step(state, scores, values)
         out = state[2] / state[1]
         out = out.astype(q.dtype).reshape([b, kvh, g, lq, self.head_dim]).transpose([0, 3, 1, 2, 4])
         out = out.reshape([b * lq, self.num_heads * self.head_dim])
