@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import paddle
+import paddle.nn.functional as F
 from paddle import nn
 
 from fdkit.parallel import assign, held_experts
@@ -162,16 +163,19 @@ class PagedAttention(nn.Layer):
             q = paddle.gather(q, group.query_index)
         q = (q * self.scale).reshape([b, lq, kvh, g, self.head_dim]).transpose([0, 2, 3, 1, 4])
         q = q.reshape([b, kvh, g * lq, self.head_dim])
-        state = None
-        for start, end in group.key_chunks(self.num_heads, block_size):
+        chunks, state = group.key_chunks(self.num_heads, block_size), None
+        for start, end in chunks:
             keys, values = self._keys_values(kv_source, group, start, end)
             scores = paddle.matmul(q, keys, transpose_y=True).astype("float32")  # [b, kvh, g*lq, lk]
             mask = group.mask(start, end)
             if mask is not None:  # expanded, not broadcast: broadcast adds are slow on CPU
                 shape = scores.shape
                 scores = scores + mask.expand([b, kvh, g, lq, end - start]).reshape(shape)
-            state = _online_softmax_step(state, scores, values)
-        out = state[2] / state[1]
+            if len(chunks) == 1:  # all keys at once (most decode steps): the fused softmax
+                out = paddle.matmul(F.softmax(scores, axis=-1).astype(values.dtype), values)
+            else:
+                state = _online_softmax_step(state, scores, values)
+        out = out if state is None else state[2] / state[1]
         out = out.astype(q.dtype).reshape([b, kvh, g, lq, self.head_dim]).transpose([0, 3, 1, 2, 4])
         out = out.reshape([b * lq, self.num_heads * self.head_dim])
         return out if group.token_index is None else paddle.gather(out, group.token_index)
