@@ -148,13 +148,16 @@ class PagedAttention(nn.Layer):
         if k_cache is not None:
             k_cache[batch.slot_mapping] = k
             v_cache[batch.slot_mapping] = v
+        if len(batch.groups) == 1:  # no slicing (a copy per layer on CPU)
+            kv_source = (k, v) if k_cache is None else (k_cache, v_cache)
+            return self._attend(q, kv_source, batch.groups[0], batch.block_size)
         outs, start = [], 0
         for group in batch.groups:
             end = start + group.num_tokens
             kv_source = (k[start:end], v[start:end]) if k_cache is None else (k_cache, v_cache)
             outs.append(self._attend(q[start:end], kv_source, group, batch.block_size))
             start = end
-        return outs[0] if len(outs) == 1 else paddle.concat(outs)
+        return paddle.concat(outs)
 
     def _attend(self, q, kv_source, group: AttentionGroup, block_size: int) -> paddle.Tensor:
         b, lq, kvh = group.num_seqs, group.query_len, self.num_groups
@@ -186,7 +189,7 @@ class PagedAttention(nn.Layer):
             shape = [group.num_seqs, group.query_len, self.num_kv_heads, self.head_dim]
             keys, values = (t.reshape(shape)[:, start:end].transpose([0, 2, 1, 3]) for t in kv_source)
         else:
-            slots = group.key_slots[:, start:end]
+            slots = group.key_slots if end - start == group.num_keys else group.key_slots[:, start:end]
             keys, values = (self._gather(cache, slots) for cache in kv_source)
         if self.kv_head_index is None:
             return keys, values
