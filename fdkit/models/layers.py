@@ -83,7 +83,10 @@ class AttentionGroup:
     _masks: dict = field(default_factory=dict)
 
     def key_chunks(self, num_heads: int, block_size: int) -> list[tuple[int, int]]:
-        """[start, end) runs of keys whose scores fit KEY_CHUNK_SCORES, whole blocks each."""
+        """[start, end) runs of keys whose scores fit KEY_CHUNK_SCORES, whole blocks each; without a
+        cache (training: short rows, a gradient through every chunk) all keys at once."""
+        if self.key_slots is None:
+            return [(0, self.num_keys)]
         size = KEY_CHUNK_SCORES // (self.num_seqs * self.query_len * num_heads)
         size = max(block_size, size // block_size * block_size)
         return [(start, min(start + size, self.num_keys)) for start in range(0, self.num_keys, size)]
