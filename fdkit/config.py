@@ -43,8 +43,10 @@ class EngineConfig:
     memory_utilization: float | None = None  # KV share of memory left after weights; None: 0.5 CPU / 0.9 GPU
     num_kv_blocks: int | None = None  # overrides kv_cache_gib and the auto size when set
     max_num_seqs: int = 32  # sequences per step
-    max_num_batched_tokens: int | None = None  # None: max(max_model_len, 2048); no chunked prefill yet
-    max_model_len: int | None = 4096  # None: the model's max_position_embeddings
+    max_num_batched_tokens: int | None = None  # tokens per step (prompts are prefilled in chunks); None: 2048
+    # None: the model's max_position_embeddings, lowered to what the KV cache holds (logged)
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True  # reuse the KV of full blocks of prompts seen before
     seed: int = 0  # unseeded requests draw from this seed, reproducibly
     show_progress: bool = True  # a progress bar while the weights load
     # rank processes (tp > 1): where rank 0's collective endpoint listens; dist_port None picks free

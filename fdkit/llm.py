@@ -205,6 +205,7 @@ def _planned_config(config: FdkitConfig, path: Path, plan: MemoryPlan) -> FdkitC
     planned = copy.deepcopy(config)
     planned.model.path = str(path)
     planned.engine.num_kv_blocks = plan.num_kv_blocks
+    planned.engine.max_model_len = plan.max_model_len  # the model's may be lowered to what the KV cache holds
     return planned
 
 

@@ -29,7 +29,7 @@ def test_every_fastdeploy_flag_is_mapped_or_explained():
     warnings = ignored_warnings(parse_args(argv))
     assert len(warnings) == len(ignored_flags()) > 70
     assert (
-        "--enable-prefix-caching is accepted but has no effect (fdkit has no prefix cache yet"
+        "--enable-prefix-caching is accepted but has no effect (fdkit's prefix cache is on by default"
         in warnings[list(ignored_flags()).index("--enable-prefix-caching")]
     )
     assert ignored_warnings(parse_args(["--model", "m", "--no-enable-prefix-caching"]))

@@ -95,13 +95,20 @@ def test_decode_logits_match_full_forward(llm, reference):
     np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=0)
 
 
+def run_step(llm: LLM, seq, num_new_tokens: int):
+    """One forward pass computing the next `num_new_tokens` tokens of `seq`, its blocks grown first."""
+    llm.engine.block_manager.grow(seq, seq.num_computed_tokens + num_new_tokens)
+    logits = llm.engine.runner.forward([seq], [num_new_tokens])
+    seq.num_computed_tokens += num_new_tokens
+    return logits
+
+
 def logits_of(llm: LLM, token_ids: list[int]) -> np.ndarray:
     from fdkit.engine.sequence import Sequence
 
     seq = Sequence(token_ids, SamplingParams())
-    llm.engine.block_manager.allocate(seq)
     try:
-        return llm.engine.runner.forward([seq], is_prefill=True).numpy()[0]
+        return run_step(llm, seq, seq.num_tokens).numpy()[0]
     finally:
         llm.engine.block_manager.deallocate(seq)
 
@@ -110,13 +117,11 @@ def logits_after_decode(llm: LLM, prompt_ids: list[int], new_ids: list[int]) -> 
     from fdkit.engine.sequence import Sequence
 
     seq = Sequence(prompt_ids, SamplingParams())
-    llm.engine.block_manager.allocate(seq)
     try:
-        llm.engine.runner.forward([seq], is_prefill=True)
+        run_step(llm, seq, seq.num_tokens)
         for token_id in new_ids:
             seq.append_token(token_id)
-            llm.engine.block_manager.append(seq)
-            logits = llm.engine.runner.forward([seq], is_prefill=False)
+            logits = run_step(llm, seq, 1)
         return logits.numpy()[0]
     finally:
         llm.engine.block_manager.deallocate(seq)

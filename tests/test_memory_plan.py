@@ -102,8 +102,10 @@ def test_weights_are_counted_as_the_model_holds_them(llm):
 
 def test_kv_cache_is_sized_from_memory(tmp_path):
     folder = config_only(tmp_path, "ERNIE-4.5-0.3B-Paddle", model_config(PRESETS["0.3b"], "paddle"))
-    default = plan(folder)  # max_num_seqs 32 full-length sequences: what the default server allocates
-    assert default.num_kv_blocks == 32 * 4096 // 64 and default.block_bytes == 2 * 18 * 2 * 128 * 64 * 4
+    short = plan(folder, "engine.max_model_len=4096")  # max_num_seqs 32 full-length sequences at most
+    assert short.num_kv_blocks == 32 * 4096 // 64 and short.block_bytes == 2 * 18 * 2 * 128 * 64 * 4
+    default = plan(folder)  # the model's 131072 tokens: the KV cache by memory holds them all
+    assert default.max_model_len == 131072 and default.num_kv_blocks * 64 >= 131072
     long = plan(folder, "engine.max_model_len=32768")  # FastDeploy's --max-model-len 32768: by memory
     left = HOST - long.weight_bytes - RUNTIME_BYTES
     assert long.num_kv_blocks == int(0.5 * left) // long.block_bytes >= 32768 // 64
@@ -111,7 +113,7 @@ def test_kv_cache_is_sized_from_memory(tmp_path):
     assert plan(folder, "engine.memory_utilization=0.25", "engine.max_model_len=32768").num_kv_blocks < (
         long.num_kv_blocks
     )
-    assert plan(folder, "engine.kv_cache_gib=1").num_kv_blocks == 2**30 // default.block_bytes
+    assert plan(folder, "engine.kv_cache_gib=1").num_kv_blocks == 2**30 // short.block_bytes
     assert plan(folder, "engine.num_kv_blocks=100", "engine.kv_cache_gib=1").num_kv_blocks == 100
     tp2 = plan(folder, "tp=2", "engine.max_model_len=32768")  # the ranks share the host
     assert tp2.num_kv_blocks * tp2.block_bytes < long.num_kv_blocks * long.block_bytes
@@ -122,15 +124,26 @@ def test_kv_cache_too_small_for_max_model_len(tmp_path):
     with pytest.raises(PlanError, match=r"\(\d+ tokens\) per rank, fewer than max_model_len 131072 needs"):
         plan(folder, "engine.max_model_len=131072", available=10 * GB)  # fits, but not at 0.5 of it
     with pytest.raises(PlanError, match="needs 64: raise engine.kv_cache_gib"):
-        plan(folder, "engine.num_kv_blocks=8")
+        plan(folder, "engine.num_kv_blocks=8", "engine.max_model_len=4096")
 
 
 def test_dtype_and_batch_limits_the_machine_cannot_run(tmp_path):
     folder = config_only(tmp_path, "m", model_config(PRESETS["tiny"], "paddle"))
     with pytest.raises(PlanError, match="bfloat16 cannot run on CPU: paddle 3.3.1 has no CPU matmul kernel"):
         plan(folder, "engine.dtype=bfloat16")
-    with pytest.raises(PlanError, match=r"max_num_batched_tokens \(2048\) must be at least max_model_len"):
-        plan(folder, "engine.max_num_batched_tokens=2048")
+    # prompts are prefilled in chunks: a step's token budget may be below max_model_len
+    assert (
+        plan(folder, "engine.max_num_batched_tokens=256", "engine.max_model_len=4096").max_model_len == 4096
+    )
+
+
+def test_the_models_max_model_len_is_lowered_to_what_the_kv_cache_holds(tmp_path, caplog):
+    caplog.set_level("WARNING", logger="fdkit.engine.memory")
+    folder = config_only(tmp_path, "m", model_config(PRESETS["0.3b"], "paddle"))
+    lowered = plan(folder, available=6 * GB)  # 0.5 of what the weights leave: fewer than 131072 tokens
+    assert lowered.max_model_len == lowered.num_kv_blocks * 64 < 131072
+    assert f"max_model_len lowered from the model's 131072 to {lowered.max_model_len} tokens" in caplog.text
+    assert plan(folder, "engine.num_kv_blocks=100").max_model_len == 6400
 
 
 @needs_moe
@@ -145,7 +158,12 @@ def test_any_tp_with_the_kv_heads_its_ranks_hold(tmp_path, tp, kv_heads):
 
 def test_default_server_fits(tmp_path):
     demo = plan(Path(load_config().model.path), available=HOST)
-    assert demo.num_kv_blocks == 32 * 64 and demo.needed_bytes(demo.num_kv_blocks) < 1 * GB
+    # max_model_len is the demo model's 512: 32 full-length sequences of 8 blocks
+    assert (
+        demo.max_model_len == 512
+        and demo.num_kv_blocks == 32 * 8
+        and demo.needed_bytes(demo.num_kv_blocks) < 1 * GB
+    )
 
 
 def fake_cgroup(root: Path, files: dict[str, str]) -> Path:

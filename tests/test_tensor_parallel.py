@@ -236,11 +236,8 @@ def attention_output(attention, hidden: paddle.Tensor) -> np.ndarray:
     """One sequence of all its tokens, without cache; outside rank_view the all-reduce is a no-op, so
     this is the rank's part of the sum."""
     n = hidden.shape[0]
-    mask = np.where(np.tril(np.ones((n, n), dtype=bool)), 0.0, -np.inf).astype(np.float32)
     positions = paddle.to_tensor(np.arange(n, dtype=np.int64))
-    batch = AttentionBatch(
-        positions, None, None, positions[None], paddle.to_tensor(mask[None, None, None]), 1, n, positions[-1:]
-    )
+    batch = AttentionBatch.causal(1, n, positions[-1:])
     return attention(attention.rotary.lookup(positions), hidden, (None, None), batch).numpy()
 
 

@@ -189,17 +189,7 @@ def train(out: Path, minutes: float, seed: int, batch_size: int = 48, lr: float 
 def forward_all(model, ids: np.ndarray) -> paddle.Tensor:
     """Logits at every position of every row: the model run without a KV cache."""
     rows, length = ids.shape
-    mask = np.triu(np.full((length, length), -np.inf, dtype=np.float32), k=1)
-    batch = AttentionBatch(
-        slot_mapping=None,
-        query_index=None,
-        token_index=None,
-        key_slots=None,
-        mask=paddle.to_tensor(np.broadcast_to(mask, (rows, 1, 1, length, length)).copy()),
-        num_seqs=rows,
-        max_query_len=length,
-        last_token_index=paddle.arange(rows * length),
-    )
+    batch = AttentionBatch.causal(rows, length, last_token_index=paddle.arange(rows * length))
     positions = paddle.to_tensor(np.tile(np.arange(length), rows))
     caches = [(None, None)] * len(model.layers)
     return model(paddle.to_tensor(ids.reshape(-1)), positions, caches, batch)

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048  # tokens per step when engine.max_num_batched_tokens is null
+
 
 class EngineDeadError(RuntimeError):
     """The engine stopped (a failure, a dead rank, or shut down): no request can be served."""
@@ -64,7 +66,9 @@ class LLMEngine:
         self.sampler = Sampler(self.eos_token_ids)
         self.max_model_len = self.runner.max_model_len
         self.vocab_size = self.runner.model_config.vocab_size
-        self.block_manager = BlockManager(self.runner.num_blocks, config.engine.block_size)
+        self.block_manager = BlockManager(
+            self.runner.num_blocks, config.engine.block_size, config.engine.enable_prefix_caching
+        )
         self.scheduler = Scheduler(self._scheduler_config(config), self.block_manager)
         self.requests: dict[str, Sequence] = {}
         logger.info(
@@ -75,12 +79,7 @@ class LLMEngine:
         )
 
     def _scheduler_config(self, config: FdkitConfig) -> SchedulerConfig:
-        max_num_batched_tokens = config.engine.max_num_batched_tokens or max(self.max_model_len, 2048)
-        if max_num_batched_tokens < self.max_model_len:
-            raise ValueError(
-                f"engine.max_num_batched_tokens ({max_num_batched_tokens}) must be at least "
-                f"max_model_len ({self.max_model_len}): a prompt is prefilled in one step"
-            )
+        max_num_batched_tokens = config.engine.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS
         return SchedulerConfig(config.engine.max_num_seqs, max_num_batched_tokens, self.max_model_len)
 
     # -- requests ---------------------------------------------------------------------------------
@@ -105,11 +104,14 @@ class LLMEngine:
 
     @property
     def stats(self) -> dict:
-        """Requests running and waiting, and the fraction of KV blocks in use."""
+        """Requests running and waiting, the fraction of KV blocks in use, and the prompt tokens looked up
+        in the prefix cache and found there (counters)."""
         return {
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
             "kv_cache_usage": self.block_manager.usage,
+            "prefix_cache_queries": self.block_manager.num_queried_tokens,
+            "prefix_cache_hits": self.block_manager.num_hit_tokens,
         }
 
     def check_health(self) -> None:
@@ -125,17 +127,21 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Outputs of the requests the step advanced. If it fails, those requests are aborted and
         RequestFailedError names them; the engine serves on."""
-        seqs, is_prefill = self.scheduler.schedule()
-        if not seqs:
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
             return []
         try:
-            logits = self.runner.forward(seqs, is_prefill)
+            logits = self.runner.forward(batch.seqs, batch.num_new_tokens)
         except Exception as exc:
             if self.runner.peers:  # the other ranks may be left inside a collective: not recoverable
                 raise
-            raise self._fail_batch(seqs, exc) from exc
+            raise self._fail_batch(self._failing(batch), exc) from exc
+        rows = [i for i, is_ready in enumerate(self.scheduler.update(batch)) if is_ready]
+        seqs = [batch.seqs[i] for i in rows]  # the others are part-way through their prompt
+        if not seqs:
+            return []
         try:
-            return self._sample(seqs, logits)
+            return self._sample(seqs, logits if len(rows) == len(batch.seqs) else logits[rows])
         except Exception as exc:
             raise self._fail_batch(seqs, exc) from exc
 
@@ -147,6 +153,19 @@ class LLMEngine:
                 if logprobs is not None:
                     seq.logprobs.append(logprobs)
         return [self._postprocess(seq, token_id) for seq, token_id in zip(seqs, token_ids, strict=True)]
+
+    def _failing(self, batch) -> list[Sequence]:
+        """The sequences of a failed step that fail alone too (all, if none does): the others' steps
+        are recomputed in the next one, the KV they wrote meanwhile being the same."""
+        if len(batch.seqs) == 1:
+            return batch.seqs
+        failing = []
+        for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            try:
+                self.runner.forward([seq], [num_new])
+            except Exception:
+                failing.append(seq)
+        return failing or batch.seqs
 
     def _fail_batch(self, seqs: list[Sequence], exc: Exception) -> RequestFailedError:
         request_ids = [seq.request_id for seq in seqs]
@@ -215,6 +234,7 @@ def _output(seq: Sequence) -> RequestOutput:
             "arrival_time": seq.arrival_time,
             "first_token_time": seq.first_token_time,
             "num_preemptions": seq.num_preemptions,
+            "num_cached_tokens": seq.num_cached_tokens or 0,
         },
     )
 

@@ -15,6 +15,7 @@ leaves, if less); on GPU each rank has one device's memory
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -24,9 +25,12 @@ from fdkit.checkpoint import CheckpointError, read_config
 from fdkit.engine.kv_cache import num_blocks_for
 from fdkit.models import model_module
 
+logger = logging.getLogger(__name__)
+
 GB, GIB = 10**9, 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 CPU_DTYPES = ("float32",)  # paddle has no CPU matmul kernel for bfloat16 / float16 in dygraph
+MIN_FIT_MODEL_LEN = 4096  # with max_model_len unset, a machine that cannot hold this context is refused
 RUNTIME_BYTES = 5 * 10**8  # paddle, Python, the tokenizer: a rank of the tiny test model is 0.39 GB RSS
 DEFAULT_UTILIZATION = {"cpu": 0.5, "gpu": 0.9}
 SUGGESTED_TP = (1, 2, 4, 8)
@@ -217,12 +221,30 @@ def plan_memory(config, model_path: str | Path, available_bytes: int | None = No
         available_bytes=available_memory(engine.device) if available_bytes is None else available_bytes,
     )
     requested = _requested_blocks(plan, engine)
+    is_model_len = engine.max_model_len is None  # the model's, lowered to what the KV cache holds
+    if is_model_len:  # the machine must hold at least a shorter context
+        plan.max_model_len = min(model.max_position, MIN_FIT_MODEL_LEN)
     _check_fits(plan, requested or plan.num_min_blocks)
-    _check_runnable(plan, engine.max_num_batched_tokens)
+    _check_runnable(plan)
+    plan.max_model_len = engine.max_model_len or model.max_position
     utilization = engine.memory_utilization or DEFAULT_UTILIZATION[plan.device]
     plan.num_kv_blocks = requested or plan.auto_kv_blocks(utilization, engine.max_num_seqs)
+    if is_model_len:
+        _lower_max_model_len(plan)
     _check_kv(plan, requested is None, utilization)
     return plan
+
+
+def _lower_max_model_len(plan: MemoryPlan) -> None:
+    """The model's context, or what the KV cache holds if less (logged)."""
+    tokens = max(1, plan.num_kv_blocks) * plan.block_size
+    if tokens < plan.max_model_len:
+        logger.warning(
+            "max_model_len lowered from the model's %d to %d tokens, what the KV cache holds (%d blocks of "
+            "%d); set engine.max_model_len, engine.kv_cache_gib or engine.memory_utilization to change it",
+            plan.max_model_len, tokens, plan.num_kv_blocks, plan.block_size,
+        )  # fmt: skip
+        plan.max_model_len = tokens
 
 
 def _requested_blocks(plan: MemoryPlan, engine) -> int | None:
@@ -269,18 +291,12 @@ def _advice(plan: MemoryPlan, num_blocks: int) -> str:
     )
 
 
-def _check_runnable(plan: MemoryPlan, max_num_batched_tokens: int | None) -> None:
+def _check_runnable(plan: MemoryPlan) -> None:
     if plan.device == "cpu" and plan.dtype not in CPU_DTYPES:
         raise PlanError(
             f"engine.dtype={plan.dtype} cannot run on CPU: paddle {version('paddlepaddle')} has no CPU "
             "matmul kernel for it; use engine.dtype=float32 (--dtype float32), or a GPU build of paddle "
             "with engine.device=gpu"
-        )
-    if max_num_batched_tokens and max_num_batched_tokens < plan.max_model_len:
-        raise PlanError(
-            f"engine.max_num_batched_tokens ({max_num_batched_tokens}) must be at least max_model_len "
-            f"({plan.max_model_len}): fdkit prefills a prompt in one step (no chunked prefill yet); raise "
-            "it (--max-num-batched-tokens) or lower max_model_len (--max-model-len)"
         )
 
 

@@ -15,7 +15,7 @@ from fdkit.checkpoint import read_config
 from fdkit.engine.memory import DTYPE_BYTES
 from fdkit.engine.sequence import Sequence
 from fdkit.models import model_module
-from fdkit.models.layers import AttentionBatch
+from fdkit.models.layers import AttentionBatch, AttentionGroup
 from fdkit.models.loader import load_weights
 from fdkit.parallel import set_expert_parallel
 
@@ -48,14 +48,14 @@ def no_strided_views():
 class StepInput:
     """What every rank needs of one sequence for one step: a small message."""
 
-    new_token_ids: list[int]  # prefill (or recompute): all tokens; decode: the last one
-    num_tokens: int
+    new_token_ids: list[int]  # the tokens whose KV this step computes: a prompt chunk, or the newest token
+    num_tokens: int  # the sequence's tokens in the cache once this step has run
     block_table: list[int]
 
     @classmethod
-    def of(cls, seq: Sequence, is_prefill: bool) -> StepInput:
-        new = seq.all_token_ids if is_prefill else seq.all_token_ids[-1:]
-        return cls(list(new), seq.num_tokens, list(seq.block_table))
+    def of(cls, seq: Sequence, num_new_tokens: int) -> StepInput:
+        end = seq.num_computed_tokens + num_new_tokens
+        return cls(seq.all_token_ids[seq.num_computed_tokens : end], end, list(seq.block_table))
 
 
 class ModelRunner:
@@ -75,7 +75,7 @@ class ModelRunner:
         paddle.seed(engine_cfg.seed)
         set_expert_parallel(engine_cfg.expert_parallel)
         with paddle.no_grad():
-            self.model = self.module.MODEL_CLASS(self.model_config, max_position=self.max_model_len)
+            self.model = self.module.MODEL_CLASS(self.model_config)
             self.model.eval()
             load_weights(self.model, self.module, Path(model_path), engine_cfg.show_progress)
         self.kv_caches = self._allocate_kv_cache()
@@ -94,9 +94,9 @@ class ModelRunner:
         return [(paddle.zeros(shape), paddle.zeros(shape)) for _ in self.model.layers]
 
     @paddle.no_grad()
-    def forward(self, seqs: list[Sequence], is_prefill: bool) -> paddle.Tensor:
-        """Logits [len(seqs), vocab] for the next token of each sequence."""
-        steps = [StepInput.of(seq, is_prefill) for seq in seqs]
+    def forward(self, seqs: list[Sequence], num_new_tokens: list[int]) -> paddle.Tensor:
+        """Logits [len(seqs), vocab] at the last new token of each sequence."""
+        steps = [StepInput.of(seq, n) for seq, n in zip(seqs, num_new_tokens, strict=True)]
         for peer in self.peers:  # the other tensor-parallel ranks run the same step
             peer.send(("forward", steps))
         return self.run(steps)
@@ -108,41 +108,53 @@ class ModelRunner:
             return self.model(input_ids, positions, self.kv_caches, batch)
 
     def _prepare(self, steps: list[StepInput]):
-        """Token ids, positions and cache addressing for the new tokens of each sequence.
+        """Token ids, positions and cache addressing of the step's new tokens: sequences with one new
+        token (decode) form one group, those with more (prompt chunks) another, laid out in that order."""
+        input_ids, positions, slots, groups = [], [], [], []
+        last_token_index = np.zeros(len(steps), dtype=np.int64)
+        for is_chunk in (False, True):
+            members = [i for i, step in enumerate(steps) if (len(step.new_token_ids) > 1) == is_chunk]
+            if not members:
+                continue
+            group, key_slots = self._group([steps[i] for i in members])
+            for row, i in enumerate(members):
+                step = steps[i]
+                start = step.num_tokens - len(step.new_token_ids)
+                input_ids += step.new_token_ids
+                positions += range(start, step.num_tokens)
+                slots += key_slots[row, start : step.num_tokens].tolist()
+                last_token_index[i] = len(input_ids) - 1
+            groups.append(group)
+        batch = AttentionBatch(_tensor(slots), groups, paddle.to_tensor(last_token_index), self.block_size)
+        return _tensor(input_ids), _tensor(positions), batch
 
-        Every sequence attends to all its tokens, which the cache holds once this step has written
-        the new ones. Query slots are padded to the longest new run (decode: 1 each).
-        """
+    def _group(self, steps: list[StepInput]) -> tuple[AttentionGroup, np.ndarray]:
+        """The group of `steps`, rows padded to the longest run of new tokens (padding repeats a row's
+        last query), and the cache slot of each row's tokens."""
         new_lens = [len(step.new_token_ids) for step in steps]
-        max_query_len, max_key_len = max(new_lens), max(step.num_tokens for step in steps)
-        input_ids, positions, slots, query_index, token_index = [], [], [], [], []
-        key_slots = np.zeros((len(steps), max_key_len), dtype=np.int64)
-        mask = np.full((len(steps), max_query_len, max_key_len), -np.inf, dtype=np.float32)
+        query_len, num_keys = max(new_lens), max(step.num_tokens for step in steps)
+        key_slots = np.zeros((len(steps), num_keys), dtype=np.int64)
+        query_positions = np.zeros((len(steps), query_len), dtype=np.int64)
+        query_index, token_index, first = [], [], 0
         for i, (step, num_new) in enumerate(zip(steps, new_lens, strict=True)):
-            start = step.num_tokens - num_new
-            seq_slots = self._slots(step.block_table, step.num_tokens)
-            input_ids += step.new_token_ids
-            positions += range(start, step.num_tokens)
-            slots += seq_slots[start:].tolist()
-            key_slots[i, : step.num_tokens] = seq_slots
-            first = len(input_ids) - num_new
-            query_index += [first + min(j, num_new - 1) for j in range(max_query_len)]
-            token_index += [i * max_query_len + j for j in range(num_new)]
-            visible = np.arange(max_key_len)[None, :] <= np.arange(start, start + max_query_len)[:, None]
-            mask[i][visible] = 0.0
-        last_token_index = np.cumsum(new_lens) - 1
-        identity = all(n == max_query_len for n in new_lens)
-        batch = AttentionBatch(
-            slot_mapping=_tensor(slots),
+            key_slots[i, : step.num_tokens] = self._slots(step.block_table, step.num_tokens)
+            padded = np.minimum(np.arange(query_len), num_new - 1)
+            query_positions[i] = step.num_tokens - num_new + padded
+            query_index += (first + padded).tolist()
+            token_index += range(i * query_len, i * query_len + num_new)
+            first += num_new
+        identity = all(n == query_len for n in new_lens)
+        group = AttentionGroup(
+            num_seqs=len(steps),
+            query_len=query_len,
+            num_tokens=first,
             query_index=None if identity else _tensor(query_index),
             token_index=None if identity else _tensor(token_index),
+            query_positions=query_positions,
             key_slots=paddle.to_tensor(key_slots),
-            mask=paddle.to_tensor(mask[:, None, None]).astype(self.cfg.dtype),
-            num_seqs=len(steps),
-            max_query_len=max_query_len,
-            last_token_index=_tensor(last_token_index),
+            num_keys=num_keys,
         )
-        return _tensor(input_ids), _tensor(positions), batch
+        return group, key_slots
 
     def _slots(self, block_table: list[int], num_tokens: int) -> np.ndarray:
         blocks = np.asarray(block_table, dtype=np.int64)[:, None] * self.block_size

@@ -1,10 +1,11 @@
-"""Continuous batching: admit waiting sequences when blocks allow, decode every running one, preempt
-by recompute when blocks run out. Pure bookkeeping; no paddle."""
+"""Continuous batching with chunked prefill: each step runs the decodes of running sequences first, then
+prompt chunks (of running sequences part-way through their prompt, then of waiting ones) within
+max_num_batched_tokens; preempts by recompute when blocks run out. Pure bookkeeping; no paddle."""
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fdkit.engine.kv_cache import BlockManager
 from fdkit.engine.sequence import Sequence, SequenceStatus
@@ -15,6 +16,27 @@ class SchedulerConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
     max_model_len: int
+
+
+@dataclass
+class ScheduledBatch:
+    """The sequences of one step and how many of their tokens each computes (decode: 1)."""
+
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+
+    def add(self, seq: Sequence, num_new_tokens: int) -> None:
+        self.seqs.append(seq)
+        self.num_new_tokens.append(num_new_tokens)
+
+    def remove(self, seq: Sequence) -> int:
+        index = self.seqs.index(seq)
+        self.seqs.pop(index)
+        return self.num_new_tokens.pop(index)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
 
 
 class Scheduler:
@@ -31,52 +53,68 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def schedule(self) -> tuple[list[Sequence], bool]:
-        """The batch to run next and whether it is a prefill batch."""
-        prefill_seqs = self._schedule_prefill()
-        if prefill_seqs:
-            return prefill_seqs, True
-        return self._schedule_decode(), False
+    def schedule(self) -> ScheduledBatch:
+        """The next step's batch: running sequences (decodes before prompt chunks), then waiting ones
+        while tokens, sequences and blocks allow. No waiting sequence is admitted in a step that preempts."""
+        batch = ScheduledBatch()
+        num_preemptions = self.num_preemptions
+        self._schedule_running(batch)
+        if self.num_preemptions == num_preemptions:
+            self._schedule_waiting(batch)
+        return batch
 
-    def _schedule_prefill(self) -> list[Sequence]:
-        scheduled: list[Sequence] = []
-        num_batched_tokens = 0
+    def _schedule_running(self, batch: ScheduledBatch) -> None:
+        for seq in sorted(self.running, key=lambda s: s.num_uncomputed_tokens > 1):
+            budget = self.config.max_num_batched_tokens - batch.num_tokens
+            if seq.status != SequenceStatus.RUNNING or budget <= 0:
+                continue
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            while not self.block_manager.can_grow(seq, seq.num_computed_tokens + num_new):
+                victim = self.running[-1]  # the newest gives way
+                self._preempt(victim)
+                if victim in batch.seqs:
+                    batch.remove(victim)
+                if victim is seq:
+                    break
+            else:
+                self.block_manager.grow(seq, seq.num_computed_tokens + num_new)
+                batch.add(seq, num_new)
+
+    def _schedule_waiting(self, batch: ScheduledBatch) -> None:
         while self.waiting and len(self.running) < self.config.max_num_seqs:
+            budget = self.config.max_num_batched_tokens - batch.num_tokens
             seq = self.waiting[0]
-            if num_batched_tokens + seq.num_tokens > self.config.max_num_batched_tokens and scheduled:
+            cached = self.block_manager.cached_prefix(seq)
+            num_computed = len(cached) * self.block_manager.block_size
+            num_new = min(seq.num_tokens - num_computed, budget)
+            if num_new <= 0 or not self.block_manager.can_allocate(seq, cached, num_computed + num_new):
                 break
-            if not self.block_manager.can_allocate(seq):
-                break
-            self.block_manager.allocate(seq)
-            num_batched_tokens += seq.num_tokens
+            self.block_manager.allocate(seq, cached, num_computed + num_new)
+            if seq.num_cached_tokens is None:
+                seq.num_cached_tokens = num_computed
             seq.status = SequenceStatus.RUNNING
             self.waiting.popleft()
             self.running.append(seq)
-            scheduled.append(seq)
-        return scheduled
-
-    def _schedule_decode(self) -> list[Sequence]:
-        scheduled: list[Sequence] = []
-        while self.running and len(scheduled) < self.config.max_num_seqs:
-            seq = self.running.popleft()
-            while not self.block_manager.can_append(seq):
-                if self.running:
-                    self._preempt(self.running.pop())  # the newest gives way
-                else:
-                    self._preempt(seq)
-                    break
-            else:
-                self.block_manager.append(seq)
-                scheduled.append(seq)
-        self.running.extendleft(reversed(scheduled))
-        return scheduled
+            batch.add(seq, num_new)
 
     def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
         self.block_manager.deallocate(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
+
+    def update(self, batch: ScheduledBatch) -> list[bool]:
+        """Records the batch as computed, caching the blocks it filled; per sequence, whether it is now
+        ready for a new token (its last chunk of prompt, or a decode)."""
+        ready = []
+        for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            before = seq.num_computed_tokens
+            seq.num_computed_tokens += num_new
+            self.block_manager.cache_full_blocks(seq, before)
+            ready.append(seq.num_computed_tokens == seq.num_tokens)
+        return ready
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Ends `seq` wherever it is (running, waiting) and returns its blocks."""

@@ -102,6 +102,9 @@ class Sequence:
         self.num_prompt_tokens = len(prompt_token_ids)
         self.params = params
         self.block_table: list[int] = []
+        self.num_computed_tokens = 0  # tokens whose KV is in the cache (a prompt is prefilled in chunks)
+        self.block_hashes: list[bytes] = []  # content hashes of the full blocks, as a chain (prefix cache)
+        self.num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache on admission
         self.arrival_time = time.time()
         self.first_token_time: float | None = None
         self.finish_reason: str | None = None
@@ -131,6 +134,10 @@ class Sequence:
     @property
     def completion_token_ids(self) -> list[int]:
         return self.all_token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.all_token_ids) - self.num_computed_tokens
 
     @property
     def is_finished(self) -> bool:

@@ -144,10 +144,11 @@ class Ernie4_5DecoderLayer(nn.Layer):
 
 
 class Ernie4_5ForCausalLM(nn.Layer):
-    def __init__(self, config: Ernie4_5Config, max_position: int):
+    def __init__(self, config: Ernie4_5Config, max_position: int | None = None):
+        """`max_position` is ignored (RoPE is computed for each step's positions); callers still pass it."""
         super().__init__()
         self.config = config
-        self.rotary = InterleavedRotaryEmbedding(config.head_dim, config.rope_theta, max_position)
+        self.rotary = InterleavedRotaryEmbedding(config.head_dim, config.rope_theta)
         rotary = self.rotary
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.LayerList(

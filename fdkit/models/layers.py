@@ -34,15 +34,13 @@ class InterleavedRotaryEmbedding(nn.Layer):
 
     out = x * cos + (x @ R) * sin, where R maps each pair (a, b) to (-b, a). Paddle's CPU kernels are
     slow at broadcasting and flipping, so cos/sin are expanded to the full shape and the pair swap is a
-    small matmul.
+    small matmul. cos/sin are computed for a step's positions (no table: 128 MB at 131072 positions).
     """
 
-    def __init__(self, head_dim: int, theta: float, max_position: int):
+    def __init__(self, head_dim: int, theta: float):
         super().__init__()
         inv_freq = 1.0 / (theta ** (paddle.arange(0, head_dim, 2, dtype="float32") / head_dim))
-        freqs = paddle.outer(paddle.arange(max_position, dtype="float32"), inv_freq)  # [P, d/2]
-        self.register_buffer("cos", freqs.cos().repeat_interleave(2, axis=-1), persistable=False)
-        self.register_buffer("sin", freqs.sin().repeat_interleave(2, axis=-1), persistable=False)
+        self.register_buffer("inv_freq", inv_freq, persistable=False)
         swap = np.zeros((head_dim, head_dim), dtype=np.float32)
         swap[np.arange(1, head_dim, 2), np.arange(0, head_dim, 2)] = -1.0
         swap[np.arange(0, head_dim, 2), np.arange(1, head_dim, 2)] = 1.0
@@ -50,7 +48,8 @@ class InterleavedRotaryEmbedding(nn.Layer):
 
     def lookup(self, positions: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
         """cos and sin [tokens, 1, head_dim] of a step, computed once for all layers."""
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        freqs = paddle.outer(positions.astype("float32"), self.inv_freq)  # [tokens, d/2]
+        return tuple(t.repeat_interleave(2, axis=-1).unsqueeze(1) for t in (freqs.cos(), freqs.sin()))
 
     def forward(
         self, cos_sin: tuple[paddle.Tensor, paddle.Tensor], *xs: paddle.Tensor
@@ -65,33 +64,67 @@ class InterleavedRotaryEmbedding(nn.Layer):
         return out if x.dtype == paddle.float32 else out.astype(x.dtype)
 
 
+KEY_CHUNK_SCORES = 1 << 22  # attention scores held at once per group and layer (16 MB in float32)
+
+
+@dataclass
+class AttentionGroup:
+    """Sequences attending together: `num_seqs` rows of `query_len` query slots (decode: 1 each), over
+    keys read from the paged cache through `key_slots`, or over the group's own new keys (no cache)."""
+
+    num_seqs: int
+    query_len: int
+    num_tokens: int  # the group's tokens in the step, laid out consecutively
+    query_index: paddle.Tensor | None  # [num_seqs * query_len] token (within the group) of each slot
+    token_index: paddle.Tensor | None  # [num_tokens] query slot of each token (None: identity)
+    query_positions: np.ndarray  # [num_seqs, query_len] position of each query slot
+    key_slots: paddle.Tensor | None  # [num_seqs, num_keys] flat cache slot of each key (padded)
+    num_keys: int  # keys of the longest row
+    _masks: dict = field(default_factory=dict)
+
+    def key_chunks(self, num_heads: int, block_size: int) -> list[tuple[int, int]]:
+        """[start, end) runs of keys whose scores fit KEY_CHUNK_SCORES, whole blocks each; without a
+        cache (training: short rows, a gradient through every chunk) all keys at once."""
+        if self.key_slots is None:
+            return [(0, self.num_keys)]
+        size = KEY_CHUNK_SCORES // (self.num_seqs * self.query_len * num_heads)
+        size = max(block_size, size // block_size * block_size)
+        return [(start, min(start + size, self.num_keys)) for start in range(0, self.num_keys, size)]
+
+    def mask(self, start: int, end: int) -> paddle.Tensor | None:
+        """Additive mask [num_seqs, 1, 1, query_len, end - start] (0 or -inf) of keys [start, end),
+        computed once per step and shared by the layers; None when every query sees all those keys."""
+        if end - 1 <= self.query_positions.min():
+            return None
+        if (start, end) not in self._masks:
+            visible = np.arange(start, end)[None, None, :] <= self.query_positions[:, :, None]
+            mask = np.where(visible, 0.0, -np.inf).astype(np.float32)[:, None, None]
+            self._masks[start, end] = paddle.to_tensor(mask)
+        return self._masks[start, end]
+
+
 @dataclass
 class AttentionBatch:
-    """Where one step's tokens go in the paged KV cache and what each may attend to.
+    """Where one step's tokens go in the paged KV cache and what each attends to. The step's tokens are
+    laid out group after group."""
 
-    The batch is laid out as `num_seqs` rows of `max_query_len` query slots (decode: 1 slot each).
-    """
+    slot_mapping: paddle.Tensor | None  # [num_tokens] flat cache slot written by each new token
+    groups: list[AttentionGroup]
+    last_token_index: paddle.Tensor  # the tokens whose logits are needed
+    block_size: int = 1  # key chunks are whole blocks
 
-    slot_mapping: paddle.Tensor  # [num_tokens] flat cache slot written by each new token
-    query_index: paddle.Tensor | None  # [num_seqs * max_query_len] token of each query slot (None: identity)
-    token_index: paddle.Tensor | None  # [num_tokens] query slot of each token (None: identity)
-    key_slots: paddle.Tensor  # [num_seqs, max_key_len] flat cache slot of each visible key (padded)
-    mask: paddle.Tensor  # [num_seqs, 1, 1, max_query_len, max_key_len] additive: 0 or -inf
-    num_seqs: int
-    max_query_len: int
-    last_token_index: paddle.Tensor  # [num_seqs] the token whose logits are needed
-    _expanded_masks: dict = field(default_factory=dict)
-
-    def mask_as(self, shape: list[int]) -> paddle.Tensor:
-        """The mask expanded to the scores' shape once per step (broadcast adds are slow on CPU)."""
-        key = tuple(shape)
-        if key not in self._expanded_masks:
-            self._expanded_masks[key] = self.mask.expand(shape).clone()
-        return self._expanded_masks[key]
+    @classmethod
+    def causal(cls, num_rows: int, length: int, last_token_index: paddle.Tensor) -> AttentionBatch:
+        """Rows of `length` tokens each attending causally to its own tokens, without a cache (training)."""
+        positions = np.tile(np.arange(length), (num_rows, 1))
+        group = AttentionGroup(num_rows, length, num_rows * length, None, None, positions, None, length)
+        return cls(None, [group], last_token_index)
 
 
 class PagedAttention(nn.Layer):
-    """Writes new keys/values into the cache, then attends over each sequence's cached keys.
+    """Writes new keys/values into the cache, then attends over each sequence's cached keys chunk by chunk
+    with an online softmax (running max and sum, rescaled accumulator): memory is bounded by the chunk,
+    not by the context length.
 
     Grouped-query attention: `kv_head_index` gives the KV head each query head reads. When each KV head
     serves an equal run of consecutive query heads (default), they share its keys without copying them;
@@ -114,32 +147,53 @@ class PagedAttention(nn.Layer):
 
     def forward(self, q, k, v, k_cache, v_cache, batch: AttentionBatch) -> paddle.Tensor:
         """q: [tokens, heads, d]; k, v: [tokens, kv_heads, d]; caches: [slots, kv_heads, d], or None
-        when every row is a whole sequence (training)."""
-        b, lq, kvh = batch.num_seqs, batch.max_query_len, self.num_groups
-        g = self.num_heads // kvh
-        keys, values = self._keys_values(k, v, k_cache, v_cache, batch)
-        if batch.query_index is not None:
-            q = paddle.gather(q, batch.query_index)
-        q = q.reshape([b, lq, kvh, g, self.head_dim]).transpose([0, 2, 3, 1, 4])
-        q = q.reshape([b, kvh, g * lq, self.head_dim])
-        scores = paddle.matmul(q, keys, transpose_y=True) * self.scale  # [b, kvh, g*lq, lk]
-        scores = scores.reshape([b, kvh, g, lq, -1])
-        scores = scores + batch.mask_as(scores.shape)
-        probs = F.softmax(scores.astype("float32"), axis=-1).astype(q.dtype)
-        out = paddle.matmul(probs.reshape([b, kvh, g * lq, -1]), values)
-        out = out.reshape([b, kvh, g, lq, self.head_dim]).transpose([0, 3, 1, 2, 4])
-        out = out.reshape([b * lq, self.num_heads * self.head_dim])
-        return out if batch.token_index is None else paddle.gather(out, batch.token_index)
-
-    def _keys_values(self, k, v, k_cache, v_cache, batch: AttentionBatch):
-        """Keys and values [b, groups, lk, d] each query group attends over."""
-        if k_cache is None:  # no cache (training): each row attends to its own new tokens
-            shape = [batch.num_seqs, batch.max_query_len, self.num_kv_heads, self.head_dim]
-            keys, values = (t.reshape(shape).transpose([0, 2, 1, 3]) for t in (k, v))
-        else:
+        (training: each row attends to its own new tokens). Out: [tokens, heads * d]."""
+        if k_cache is not None:
             k_cache[batch.slot_mapping] = k
             v_cache[batch.slot_mapping] = v
-            keys, values = (self._gather(cache, batch.key_slots) for cache in (k_cache, v_cache))
+        if len(batch.groups) == 1:  # no slicing (a copy per layer on CPU)
+            kv_source = (k, v) if k_cache is None else (k_cache, v_cache)
+            return self._attend(q, kv_source, batch.groups[0], batch.block_size)
+        outs, start = [], 0
+        for group in batch.groups:
+            end = start + group.num_tokens
+            kv_source = (k[start:end], v[start:end]) if k_cache is None else (k_cache, v_cache)
+            outs.append(self._attend(q[start:end], kv_source, group, batch.block_size))
+            start = end
+        return paddle.concat(outs)
+
+    def _attend(self, q, kv_source, group: AttentionGroup, block_size: int) -> paddle.Tensor:
+        b, lq, kvh = group.num_seqs, group.query_len, self.num_groups
+        g = self.num_heads // kvh
+        if group.query_index is not None:
+            q = paddle.gather(q, group.query_index)
+        q = (q * self.scale).reshape([b, lq, kvh, g, self.head_dim]).transpose([0, 2, 3, 1, 4])
+        q = q.reshape([b, kvh, g * lq, self.head_dim])
+        chunks, state = group.key_chunks(self.num_heads, block_size), None
+        for start, end in chunks:
+            keys, values = self._keys_values(kv_source, group, start, end)
+            scores = paddle.matmul(q, keys, transpose_y=True).astype("float32")  # [b, kvh, g*lq, lk]
+            mask = group.mask(start, end)
+            if mask is not None:  # expanded, not broadcast: broadcast adds are slow on CPU
+                shape = scores.shape
+                scores = scores + mask.expand([b, kvh, g, lq, end - start]).reshape(shape)
+            if len(chunks) == 1:  # all keys at once (most decode steps): the fused softmax
+                out = paddle.matmul(F.softmax(scores, axis=-1).astype(values.dtype), values)
+            else:
+                state = _online_softmax_step(state, scores, values)
+        out = out if state is None else state[2] / state[1]
+        out = out.astype(q.dtype).reshape([b, kvh, g, lq, self.head_dim]).transpose([0, 3, 1, 2, 4])
+        out = out.reshape([b * lq, self.num_heads * self.head_dim])
+        return out if group.token_index is None else paddle.gather(out, group.token_index)
+
+    def _keys_values(self, kv_source, group: AttentionGroup, start: int, end: int):
+        """Keys and values [b, groups, end - start, d] of keys [start, end) of each row."""
+        if group.key_slots is None:  # no cache: the group's own new keys, rows of query_len
+            shape = [group.num_seqs, group.query_len, self.num_kv_heads, self.head_dim]
+            keys, values = (t.reshape(shape)[:, start:end].transpose([0, 2, 1, 3]) for t in kv_source)
+        else:
+            slots = group.key_slots if end - start == group.num_keys else group.key_slots[:, start:end]
+            keys, values = (self._gather(cache, slots) for cache in kv_source)
         if self.kv_head_index is None:
             return keys, values
         return tuple(paddle.index_select(t, self.kv_head_index, axis=1) for t in (keys, values))
@@ -148,6 +202,22 @@ class PagedAttention(nn.Layer):
         b, lk = slots.shape
         gathered = paddle.gather(cache, slots.flatten()).reshape([b, lk, self.num_kv_heads, self.head_dim])
         return gathered.transpose([0, 2, 1, 3])  # [b, kvh, lk, d]
+
+
+def _online_softmax_step(state, scores: paddle.Tensor, values: paddle.Tensor):
+    """Folds one chunk of scores [..., q, lk] and values [..., lk, d] into (running max, running sum,
+    accumulator). The first chunk holds key 0, which every query sees, so the running max is finite."""
+    chunk_max = scores.max(axis=-1, keepdim=True)
+    if state is None:
+        probs = paddle.exp(scores - chunk_max)
+        return chunk_max, probs.sum(axis=-1, keepdim=True), paddle.matmul(probs.astype(values.dtype), values)
+    running_max, running_sum, acc = state
+    new_max = paddle.maximum(running_max, chunk_max)
+    probs = paddle.exp(scores - new_max)
+    rescale = paddle.exp(running_max - new_max)
+    running_sum = running_sum * rescale + probs.sum(axis=-1, keepdim=True)
+    acc = acc * rescale.astype(acc.dtype) + paddle.matmul(probs.astype(values.dtype), values)
+    return new_max, running_sum, acc
 
 
 class RoutedExperts(nn.LayerDict):

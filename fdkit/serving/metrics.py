@@ -57,6 +57,7 @@ class ServerMetrics(EngineObserver):
         self.kv_usage.set_function(lambda: engine.kv_cache_usage)
         self.registry.register(_RestartsCollector(engine))
         self.registry.register(_ReplicasCollector(engine))
+        self.registry.register(_PrefixCacheCollector(engine))
 
     def on_request(self, num_prompt_tokens: int) -> None:
         self.prompt_tokens.inc(num_prompt_tokens)
@@ -132,3 +133,24 @@ def _labelled(family, values: list):
     for index, value in enumerate(values):
         family.add_metric([str(index)], value)
     return family
+
+
+class _PrefixCacheCollector:
+    """Prompt tokens looked up in the prefix cache and found there (vLLM's prefix_cache_queries / hits),
+    and their ratio, since the engine started."""
+
+    def __init__(self, engine: AsyncLLM):
+        self.engine = engine
+
+    def collect(self):
+        replicas = getattr(self.engine, "replicas", [self.engine])
+        queries = sum(replica.llm.stats.get("prefix_cache_queries", 0) for replica in replicas)
+        hits = sum(replica.llm.stats.get("prefix_cache_hits", 0) for replica in replicas)
+        yield CounterMetricFamily("fdkit:prefix_cache_queries", "Prompt tokens looked up", value=queries)
+        yield CounterMetricFamily("fdkit:prefix_cache_hits", "Prompt tokens found cached", value=hits)
+        rate = GaugeMetricFamily(
+            "fdkit:prefix_cache_hit_rate",
+            "Fraction of prompt tokens found cached",
+            value=hits / max(queries, 1),
+        )
+        yield rate

@@ -57,6 +57,11 @@ def _num_tokens(outputs: list[RequestOutput]) -> int:
     return sum(len(o.token_ids) for o in outputs)
 
 
+def _num_cached(outputs: list[RequestOutput]) -> int:
+    """Prompt tokens read from the prefix cache (the prompt counts once, however many choices)."""
+    return max((o.metrics.get("num_cached_tokens", 0) for o in outputs), default=0)
+
+
 def _seconds_since_arrival(out: RequestOutput) -> float:
     return time.time() - out.metrics["arrival_time"]
 
@@ -195,7 +200,7 @@ class ChatShape(Shape):
 
     def usage(self, num_prompt: int, outputs: list[RequestOutput]) -> P.Usage:
         reasoning = sum(self._num_reasoning_tokens(o.token_ids) for o in outputs) if self.parser else 0
-        return usage(num_prompt, _num_tokens(outputs), cached=0, reasoning=reasoning)
+        return usage(num_prompt, _num_tokens(outputs), cached=_num_cached(outputs), reasoning=reasoning)
 
     def _num_reasoning_tokens(self, ids: list[int]) -> int:
         """Tokens before the end-of-reasoning tokens (all of them if they never came)."""
@@ -260,7 +265,7 @@ class CompletionShape(Shape):
         )
 
     def usage(self, num_prompt: int, outputs: list[RequestOutput]) -> P.Usage:
-        return usage(num_prompt, _num_tokens(outputs), cached=0)
+        return usage(num_prompt, _num_tokens(outputs), cached=_num_cached(outputs))
 
     def stream_usage(self, num_prompt: int, outputs: list[RequestOutput]) -> P.Usage:
         return usage(num_prompt, _num_tokens(outputs))  # no details, unlike the whole response's

@@ -54,14 +54,15 @@ IGNORED: dict[str, dict[str, str]] = {
         "--disable-chunked-mm-input": SWITCH,
         "--enable-mm-output": SWITCH,
     },
-    "fdkit has no prefix cache yet: every prompt is prefilled": {
+    "fdkit's prefix cache is on by default (off: --override engine.enable_prefix_caching=false); "
+    "no output cache, no swap or storage tier": {
         "--enable-prefix-caching": TOGGLE,
         "--enable-output-caching": TOGGLE,
         "--swap-space": VALUE,
         "--kvcache-storage-backend": VALUE,
         "--write-policy": VALUE,
     },
-    "fdkit has no chunked prefill yet: a prompt is prefilled in one step": {
+    "fdkit always prefills prompts in chunks within --max-num-batched-tokens, decodes first": {
         "--enable-chunked-prefill": SWITCH,
         "--max-num-partial-prefills": VALUE,
         "--max-long-partial-prefills": VALUE,

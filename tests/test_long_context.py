@@ -1,0 +1,93 @@
+"""Chunked prefill and attention over key chunks (online softmax) change no logit beyond float32 noise,
+at chunk and block boundaries, and a prompt can be preempted part-way through and recomputed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import TEST_ENGINE
+
+import fdkit.models.layers as layers
+from fdkit import LLM, SamplingParams
+from fdkit.engine.sequence import Sequence
+
+BLOCK = TEST_ENGINE["block_size"]  # 16
+CHUNK = 48  # tokens per step in the chunked engine: three blocks
+LENGTHS = [BLOCK - 1, BLOCK, BLOCK + 1, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK + BLOCK + 1, 300]
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+def prompt_ids(length: int, seed: int = 0) -> list[int]:
+    return np.random.default_rng(seed + length).integers(3, 1000, length).tolist()
+
+
+def prefill_logits(llm: LLM, token_ids: list[int], chunk: int) -> np.ndarray:
+    """Logits after the last prompt token, the prompt prefilled `chunk` tokens per forward pass."""
+    seq = Sequence(token_ids, SamplingParams())
+    bm, runner = llm.engine.block_manager, llm.engine.runner
+    try:
+        while seq.num_computed_tokens < seq.num_tokens:
+            num_new = min(chunk, seq.num_tokens - seq.num_computed_tokens)
+            bm.grow(seq, seq.num_computed_tokens + num_new)
+            logits = runner.forward([seq], [num_new])
+            seq.num_computed_tokens += num_new
+        return logits.numpy()[0]
+    finally:
+        bm.deallocate(seq)
+
+
+@pytest.mark.parametrize("length", LENGTHS)
+def test_chunked_prefill_logits_equal_whole_prompt(llm, length):
+    ids = prompt_ids(length)
+    whole = prefill_logits(llm, ids, length)
+    for chunk in (CHUNK, BLOCK + 1, 1):
+        np.testing.assert_allclose(prefill_logits(llm, ids, chunk), whole, atol=1e-4, rtol=0)
+
+
+def test_attention_over_many_key_chunks_equals_one(llm, monkeypatch):
+    """With a tiny score budget every block is its own key chunk: the online softmax folds them all."""
+    ids = prompt_ids(300)
+    whole = prefill_logits(llm, ids, 300)
+    decoded = prefill_logits(llm, ids, 1)
+    monkeypatch.setattr(layers, "KEY_CHUNK_SCORES", 1)
+    np.testing.assert_allclose(prefill_logits(llm, ids, 300), whole, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(prefill_logits(llm, ids, 1), decoded, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(prefill_logits(llm, ids, CHUNK), whole, atol=1e-4, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def unchunked(llm) -> list[list[int]]:
+    prompts = [prompt_ids(n) for n in LENGTHS]
+    return [o.token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+
+
+def chunked_llm(tiny_paddle, **overrides) -> LLM:
+    engine = {**TEST_ENGINE, "max_num_batched_tokens": CHUNK, "enable_prefix_caching": False, **overrides}
+    return LLM(tiny_paddle, **engine)
+
+
+def test_chunked_engine_generates_the_same_tokens(tiny_paddle, unchunked):
+    prompts = [prompt_ids(n) for n in LENGTHS]
+    with chunked_llm(tiny_paddle) as chunked:
+        outs = chunked.generate(prompts, GREEDY, use_tqdm=False)
+    assert [o.token_ids for o in outs] == unchunked
+
+
+def test_preempted_part_way_through_a_prompt(tiny_paddle, unchunked):
+    """12 blocks of 16 tokens for prompts of up to 300 tokens: chunks of the long prompts are admitted,
+    then given back when the KV cache runs out, and recomputed."""
+    prompts = [prompt_ids(n) for n in LENGTHS]
+    with chunked_llm(tiny_paddle, num_kv_blocks=20, max_model_len=320) as small:
+        preempted_mid_prompt = []
+        scheduler = small.engine.scheduler
+        preempt = scheduler._preempt
+
+        def watch(seq):
+            preempted_mid_prompt.append(seq.num_computed_tokens < seq.num_prompt_tokens)
+            preempt(seq)
+
+        scheduler._preempt = watch
+        outs = small.generate(prompts, GREEDY, use_tqdm=False)
+        assert any(preempted_mid_prompt)
+        assert [o.token_ids for o in outs] == unchunked
+        assert small.engine.block_manager.num_free_blocks == 20
