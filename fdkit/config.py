@@ -53,6 +53,7 @@ class EngineConfig:
     dist_port: int | None = None
     rank_start_timeout_s: float = 600.0  # ranks that are not ready by then fail the start
     expert_parallel: bool = False  # tp > 1, MoE: each rank holds 1/tp of the routed experts whole
+    grammar_cache_size: int = 64  # guided decoding: compiled grammars kept (LRU, keyed by grammar text)
 
 
 @dataclass

@@ -19,12 +19,16 @@ class Sampler:
     def __init__(self, eos_token_ids: list[int]):
         self.eos_token_ids = list(eos_token_ids)
 
-    def __call__(self, logits: paddle.Tensor, seqs: list[Sequence]) -> list[int]:
+    def __call__(
+        self, logits: paddle.Tensor, seqs: list[Sequence], allowed: np.ndarray | None = None
+    ) -> list[int]:
+        """`allowed`: guided decoding's token bitmask (fdkit/engine/guided.py), None if no row has one."""
         logits = logits.astype("float32")
         params = [seq.params for seq in seqs]
         if any(p.has_penalties for p in params):
             logits = self._apply_penalties(logits, seqs)
-        logits = self._ban(logits, seqs)
+        banned = self._ban(logits, seqs)
+        logits = banned if allowed is None else _apply_allowed(logits, banned, allowed)
         greedy = np.array([p.is_greedy for p in params])
         if greedy.all():
             return paddle.argmax(logits, axis=-1).tolist()
@@ -116,6 +120,18 @@ class Sampler:
             filtered_tokens = paddle.take_along_axis(cand_ids, paddle.to_tensor(picked[:, None]), axis=1)
             tokens = np.where(is_filtered, filtered_tokens.numpy()[:, 0], tokens)
         return tokens
+
+
+def _apply_allowed(logits: paddle.Tensor, banned: paddle.Tensor, allowed: np.ndarray) -> paddle.Tensor:
+    """Tokens outside each row's bitmask get -inf, the whole batch at once. The grammar wins: a row whose
+    every allowed token is also banned (bad words, EOS before min_tokens) keeps its allowed tokens."""
+    vocab_size = logits.shape[1]
+    bits = np.unpackbits(allowed.view(np.uint8), axis=1, bitorder="little")[:, :vocab_size]
+    mask = paddle.to_tensor(bits.astype(bool))
+    neg_inf = paddle.full_like(logits, -np.inf)
+    masked = paddle.where(mask, banned, neg_inf)
+    is_empty = paddle.isinf(masked).all(axis=-1, keepdim=True)
+    return paddle.where(is_empty, paddle.where(mask, logits, neg_inf), masked)
 
 
 def _keep_mask(cand_probs: paddle.Tensor, top_k, top_p, min_p) -> paddle.Tensor:

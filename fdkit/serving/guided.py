@@ -1,0 +1,119 @@
+"""A request's output constraint as llguidance grammar text: `response_format` (json_object, json_schema),
+FastDeploy's and vLLM's `guided_json`, `guided_regex`, `guided_choice` and `guided_grammar`, and the tool
+calls that `tool_choice` "required" or a named function forces. At most one of them per request.
+
+JSON is written compactly (`", "` and `": "` as separators, no other whitespace: llguidance's
+`whitespace_flexible` off), so no model can pad it forever. `guided_grammar` is a Lark grammar in
+llguidance's dialect, or a GBNF one (llama.cpp's EBNF, the form xgrammar takes), told apart by llguidance.
+Forced tool calls are ERNIE's: `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`, one
+(a named function, or `parallel_tool_calls: false`) or several separated by a newline, the arguments
+held to the function's `parameters` (none given: `{}`). With thinking, the constraint covers all the
+text after the end of reasoning: the answer is the constrained text itself, with no `<response>` tags.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+from fdkit.engine.sequence import GuidedDecoding
+from fdkit.serving import protocol as P
+from fdkit.serving.errors import APIError, client_message
+
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}
+
+
+def guided_decoding(
+    req: P.SamplingFields, check: Callable[[str], None], after_reasoning: bool = False, tool_parser=None
+) -> GuidedDecoding | None:
+    """The request's constraint, None if it has none; 400 if it asks for more than one, or for one that
+    `check` (the grammar engine) refuses, with the engine's message. Forced tool calls are written in
+    `tool_parser`'s tags (a model without one cannot be forced to call)."""
+    asked = _constraints(req, tool_parser)
+    if len(asked) > 1:
+        names = ", ".join(param for param, _ in asked)
+        raise APIError(400, f"give at most one output constraint; this request has {names}", asked[1][0])
+    if not asked:
+        return None
+    param, build = asked[0]
+    try:
+        grammar = build()
+        check(grammar)
+    except (ValueError, TypeError, RecursionError) as exc:
+        text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        message = f"{param}: {client_message(text, 'not a valid constraint')}"
+        raise APIError(400, message, param, "invalid_value") from exc
+    return GuidedDecoding(grammar, after_reasoning)
+
+
+def _constraints(req: P.SamplingFields, tool_parser) -> list[tuple[str, object]]:
+    """(param, grammar builder) of each constraint the request sets."""
+    from llguidance import LLMatcher, grammar_from
+
+    asked = []
+    response_format = req.response_format
+    if response_format is not None and response_format.type != "text":
+        asked.append(("response_format", lambda: _response_format(response_format)))
+    if req.guided_json is not None:
+        asked.append(("guided_json", lambda: json_schema_grammar(req.guided_json)))
+    if req.guided_regex is not None:
+        asked.append(("guided_regex", lambda: LLMatcher.grammar_from_regex(req.guided_regex)))
+    if req.guided_choice is not None:
+        asked.append(("guided_choice", lambda: grammar_from("choice", req.guided_choice)))
+    if req.guided_grammar is not None:
+        asked.append(("guided_grammar", lambda: grammar_from("grammar", req.guided_grammar)))
+    tool_choice = getattr(req, "tool_choice", None)
+    if getattr(req, "tools", None) and tool_choice not in (None, "none", "auto"):
+        asked.append(("tool_choice", lambda: tool_call_grammar(req, tool_parser)))
+    return asked
+
+
+def _response_format(response_format: P.ResponseFormat) -> str:
+    if response_format.type == "json_object":
+        return json_schema_grammar({"type": "object"})
+    if response_format.type == "json_schema":
+        if response_format.json_schema is None:
+            raise ValueError('type "json_schema" needs a json_schema object')
+        return json_schema_grammar(response_format.json_schema.schema_ or {"type": "object"})
+    raise ValueError(f'type "{response_format.type}" is not supported (use json_schema or guided_grammar)')
+
+
+def json_schema_grammar(schema: dict | str) -> str:
+    from llguidance import LLMatcher
+
+    if isinstance(schema, str):
+        schema = json.loads(schema)
+    if not isinstance(schema, dict):
+        raise ValueError("the schema must be a JSON object")
+    return LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+
+
+def tool_call_grammar(req: P.ChatCompletionRequest, tool_parser) -> str:
+    """The tool parser's tags around a JSON object whose name and arguments are one of the tools'."""
+    from llguidance import LLMatcher
+
+    if tool_parser is None:
+        raise ValueError(f"{req.tool_choice!r} needs a tool parser (model.tool_parser); this model has none")
+    choice = req.tool_choice
+    tools = [t.function for t in req.tools or []]
+    if isinstance(choice, P.NamedToolChoice):
+        tools = [f for f in tools if f.name == choice.function.name]
+    calls = [_call_schema(f.name, f.parameters) for f in tools]
+    schema = {"anyOf": calls} if len(calls) > 1 else calls[0]
+    body = json.dumps({**schema, "x-guidance": JSON_OPTIONS}, ensure_ascii=False)
+    is_one = isinstance(choice, P.NamedToolChoice) or req.parallel_tool_calls is False
+    start = "start: call" if is_one else 'start: call ("\\n" call)*'
+    start_tag, end_tag = (
+        json.dumps(tag) for tag in (tool_parser.start_tag + "\n", "\n" + tool_parser.end_tag)
+    )
+    return LLMatcher.grammar_from_lark(f"{start}\ncall: {start_tag} %json {body} {end_tag}")
+
+
+def _call_schema(name: str, parameters: dict | None) -> dict:
+    return {
+        "type": "object",
+        "properties": {"name": {"const": name}, "arguments": parameters or NO_ARGUMENTS},
+        "required": ["name", "arguments"],
+        "additionalProperties": False,
+    }
