@@ -167,6 +167,14 @@ def test_regex_outputs_match(guided_server):
         assert result["finish_reason"] == "stop" and re.fullmatch(REGEX, result["content"]), result
 
 
+def test_vllm_structured_outputs(guided_server):
+    bodies = chat_bodies(structured_outputs={"regex": REGEX})[:5]
+    bodies += chat_bodies(structured_outputs={"choice": CHOICES})[:5]
+    results = run_all(guided_server, bodies)
+    assert all(re.fullmatch(REGEX, r["content"]) for r in results[:5])
+    assert all(r["content"] in CHOICES for r in results[5:])
+
+
 def test_choice_outputs_are_one_of_the_choices(guided_server):
     results = run_all(guided_server, chat_bodies(guided_choice=CHOICES))
     assert all(r["content"] in CHOICES and r["finish_reason"] == "stop" for r in results)
@@ -260,6 +268,7 @@ def test_json_object_cut_by_max_tokens_is_length_with_a_partial_prefix(guided_se
         ),
         ({"response_format": {"type": "structural_tag"}}, "response_format", "not supported"),
         ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice", "at most one"),
+        ({"structured_outputs": {"regex": "(a"}}, "structured_outputs.regex", "unclosed group"),
         (
             {"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}},
             "tool_choice",
@@ -390,3 +399,18 @@ def test_token_bytes_decode_as_the_tokenizer_does(tiny_paddle):
         assert b"".join(table[i] for i in tokenizer.encode(text)) == text.encode()
     assert all(table[i].startswith(b"\xff") for i in tokenizer.special_ids)
     assert table[tokenizer.vocab_size :] == [b""] * (1024 - tokenizer.vocab_size)
+
+
+# -- the benchmark's guided loads ----------------------------------------------------------------------
+
+
+def test_bench_guided_loads(tiny_paddle, guided_server):
+    from test_bench import run_bench
+
+    load = "--concurrency 2 --input-len 8 --output-len 12 --kv-cache-gib 0.05 --guided json_schema"
+    [offline] = run_bench("offline", "--model", str(tiny_paddle), *load.split())
+    assert offline["guided"] == "json_schema" and offline["guided_ratio"] > 0
+    assert offline["unconstrained"]["num_output_tokens"] == 24
+    load = "--concurrency 2 --max-tokens 8 --response-format json_schema"
+    serve = run_bench("serve", "--base-url", guided_server.base_url, *load.split())
+    assert serve[0]["errors"] == 0 and serve[0]["output_tokens_per_s"] > 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from functools import partial
 
 from fdkit.engine.sequence import GuidedDecoding
 from fdkit.serving import protocol as P
@@ -47,25 +48,24 @@ def guided_decoding(
     return GuidedDecoding(grammar, after_reasoning)
 
 
-def _constraints(req: P.SamplingFields, tool_parser) -> list[tuple[str, object]]:
+def _constraints(req: P.SamplingFields, tool_parser) -> list[tuple[str, Callable[[], str]]]:
     """(param, grammar builder) of each constraint the request sets."""
-    from llguidance import LLMatcher, grammar_from
-
     asked = []
     response_format = req.response_format
     if response_format is not None and response_format.type != "text":
-        asked.append(("response_format", lambda: _response_format(response_format)))
-    if req.guided_json is not None:
-        asked.append(("guided_json", lambda: json_schema_grammar(req.guided_json)))
-    if req.guided_regex is not None:
-        asked.append(("guided_regex", lambda: LLMatcher.grammar_from_regex(req.guided_regex)))
-    if req.guided_choice is not None:
-        asked.append(("guided_choice", lambda: grammar_from("choice", req.guided_choice)))
-    if req.guided_grammar is not None:
-        asked.append(("guided_grammar", lambda: grammar_from("grammar", req.guided_grammar)))
+        asked.append(("response_format", partial(_response_format, response_format)))
+    for kind in KINDS:
+        value = getattr(req, f"guided_{kind}")
+        if value is not None:
+            asked.append((f"guided_{kind}", partial(BUILDERS[kind], value)))
+    outputs = req.structured_outputs
+    for kind in (*KINDS, "json_object") if outputs is not None else ():
+        value = getattr(outputs, kind)
+        if value is not None and value is not False:
+            asked.append((f"structured_outputs.{kind}", partial(BUILDERS[kind], value)))
     tool_choice = getattr(req, "tool_choice", None)
     if getattr(req, "tools", None) and tool_choice not in (None, "none", "auto"):
-        asked.append(("tool_choice", lambda: tool_call_grammar(req, tool_parser)))
+        asked.append(("tool_choice", partial(tool_call_grammar, req, tool_parser)))
     return asked
 
 
@@ -77,6 +77,12 @@ def _response_format(response_format: P.ResponseFormat) -> str:
             raise ValueError('type "json_schema" needs a json_schema object')
         return json_schema_grammar(response_format.json_schema.schema_ or {"type": "object"})
     raise ValueError(f'type "{response_format.type}" is not supported (use json_schema or guided_grammar)')
+
+
+def _grammar(kind: str, text) -> str:
+    from llguidance import grammar_from
+
+    return grammar_from(kind, text)
 
 
 def json_schema_grammar(schema: dict | str) -> str:
@@ -108,6 +114,16 @@ def tool_call_grammar(req: P.ChatCompletionRequest, tool_parser) -> str:
         json.dumps(tag) for tag in (tool_parser.start_tag + "\n", "\n" + tool_parser.end_tag)
     )
     return LLMatcher.grammar_from_lark(f"{start}\ncall: {start_tag} %json {body} {end_tag}")
+
+
+KINDS = ("json", "regex", "choice", "grammar")
+BUILDERS = {
+    "json": json_schema_grammar,
+    "regex": partial(_grammar, "regex"),
+    "choice": partial(_grammar, "choice"),
+    "grammar": partial(_grammar, "grammar"),
+    "json_object": lambda _: json_schema_grammar({"type": "object"}),
+}
 
 
 def _call_schema(name: str, parameters: dict | None) -> dict:

@@ -86,6 +86,16 @@ class ResponseFormat(RequestPart):
     json_schema: JsonSchemaSpec | None = None
 
 
+class StructuredOutputs(RequestPart):
+    """vLLM's `structured_outputs` (its newer form of the guided_* fields): at most one key."""
+
+    json: dict[str, Any] | str | None = None
+    regex: str | None = None
+    choice: Annotated[list[str], Field(min_length=1)] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
 class SamplingFields(RequestModel):
     """What chat and completion requests share."""
 
@@ -126,6 +136,7 @@ class SamplingFields(RequestModel):
     guided_regex: str | None = None
     guided_choice: Annotated[list[str], Field(min_length=1)] | None = None
     guided_grammar: str | None = None  # Lark (llguidance's dialect) or GBNF
+    structured_outputs: StructuredOutputs | None = None
 
     @field_validator("stop")
     @classmethod
