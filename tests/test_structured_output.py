@@ -414,3 +414,30 @@ def test_bench_guided_loads(tiny_paddle, guided_server):
     load = "--concurrency 2 --max-tokens 8 --response-format json_schema"
     serve = run_bench("serve", "--base-url", guided_server.base_url, *load.split())
     assert serve[0]["errors"] == 0 and serve[0]["output_tokens_per_s"] > 0
+
+
+def test_tool_choice_none_never_lets_the_tag_be_written(tiny_paddle):
+    """Whatever the spelling: after `<tool_call` (written in any pieces) no token may complete the tag."""
+    from fdkit.engine.sequence import Sequence
+    from fdkit.serving.guided import no_call_grammar
+    from fdkit.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(tiny_paddle)
+    table = token_bytes(tokenizer, 1024)
+    decoder = GuidedDecoder(tokenizer, 1024, [2])
+    seq = Sequence([1], SamplingParams(guided_decoding=GuidedDecoding(no_call_grammar("<tool_call>"))), "r")
+    decoder.add(seq)
+    written = b"a <tool_call"
+    for char in written.decode():  # one character a token: not the tokenizer's own pieces
+        [token_id] = [i for i, b in enumerate(table) if b == char.encode()][:1]
+        assert decoder.accept(seq, token_id) is None
+        seq.append_token(token_id)
+    bits = np.unpackbits(decoder.bitmask([seq]).view(np.uint8), bitorder="little")[:1024]
+    allowed = {i for i in np.nonzero(bits)[0] if b"<tool_call>" not in written + table[i]}
+    assert set(np.nonzero(bits)[0]) == allowed and b">" in table
+    assert not bits[table.index(b">")] and bits[table.index(b"x")] and bits[2]  # EOS stays allowed
+
+
+def test_tool_choice_none_answers_without_calls(guided_server):
+    results = run_all(guided_server, chat_bodies(tools=TOOLS, tool_choice="none", max_tokens=30)[:10])
+    assert all(r["calls"] == [] and r["finish_reason"] in ("stop", "length") for r in results)

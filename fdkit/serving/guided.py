@@ -9,11 +9,14 @@ Forced tool calls are ERNIE's: `<tool_call>\\n{"name": ..., "arguments": {...}}\
 (a named function, or `parallel_tool_calls: false`) or several separated by a newline, the arguments
 held to the function's `parameters` (none given: `{}`). With thinking, the constraint covers all the
 text after the end of reasoning: the answer is the constrained text itself, with no `<response>` tags.
+`tool_choice: "none"` with tools (and no other constraint) holds the text to one that never writes the
+tool parser's start tag.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from functools import partial
 
@@ -32,6 +35,8 @@ def guided_decoding(
     `check` (the grammar engine) refuses, with the engine's message. Forced tool calls are written in
     `tool_parser`'s tags (a model without one cannot be forced to call)."""
     asked = _constraints(req, tool_parser)
+    if not asked and _forbids_calls(req, tool_parser):
+        asked.append(("tool_choice", partial(no_call_grammar, tool_parser.start_tag)))
     if len(asked) > 1:
         names = ", ".join(param for param, _ in asked)
         raise APIError(400, f"give at most one output constraint; this request has {names}", asked[1][0])
@@ -58,15 +63,26 @@ def _constraints(req: P.SamplingFields, tool_parser) -> list[tuple[str, Callable
         value = getattr(req, f"guided_{kind}")
         if value is not None:
             asked.append((f"guided_{kind}", partial(BUILDERS[kind], value)))
-    outputs = req.structured_outputs
-    for kind in (*KINDS, "json_object") if outputs is not None else ():
-        value = getattr(outputs, kind)
+    outputs = req.structured_outputs.model_dump(by_alias=True) if req.structured_outputs else {}
+    for kind, value in outputs.items():
         if value is not None and value is not False:
             asked.append((f"structured_outputs.{kind}", partial(BUILDERS[kind], value)))
     tool_choice = getattr(req, "tool_choice", None)
     if getattr(req, "tools", None) and tool_choice not in (None, "none", "auto"):
         asked.append(("tool_choice", partial(tool_call_grammar, req, tool_parser)))
     return asked
+
+
+def _forbids_calls(req: P.SamplingFields, tool_parser) -> bool:
+    return tool_parser is not None and bool(getattr(req, "tools", None)) and req.tool_choice == "none"
+
+
+def no_call_grammar(start_tag: str) -> str:
+    """Any text in which `start_tag` never appears (llguidance's `&` and `~` on a lexeme)."""
+    from llguidance import LLMatcher
+
+    tag = re.escape(start_tag).replace("/", "\\/")
+    return LLMatcher.grammar_from_lark(f"start: TEXT\nTEXT: /(?s:.*)/ & ~/(?s:.*{tag}.*)/")
 
 
 def _response_format(response_format: P.ResponseFormat) -> str:

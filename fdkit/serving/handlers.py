@@ -122,10 +122,7 @@ class OpenAIServing:
         """FastDeploy's flat ids, vLLM's id lists and `bad_words` tokenized; ids checked against the vocab."""
         words = [w if isinstance(w, list) else [w] for w in req.bad_words_token_ids or []]
         self.check_token_ids([t for word in words for t in word], "bad_words_token_ids")
-        banned = list(req.bad_words or [])
-        if self.tool_parser and getattr(req, "tools", None) and getattr(req, "tool_choice", None) == "none":
-            banned.append(self.tool_parser.start_tag)  # tool_choice none: no call can even start
-        return words + self.tokenizer.bad_words_ids(banned)
+        return words + self.tokenizer.bad_words_ids(req.bad_words or [])
 
     async def guided(self, req: P.SamplingFields, after_reasoning: bool) -> GuidedDecoding | None:
         """The request's output constraint, checked by the grammar engine off the event loop."""

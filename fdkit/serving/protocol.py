@@ -89,7 +89,7 @@ class ResponseFormat(RequestPart):
 class StructuredOutputs(RequestPart):
     """vLLM's `structured_outputs` (its newer form of the guided_* fields): at most one key."""
 
-    json: dict[str, Any] | str | None = None
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
     regex: str | None = None
     choice: Annotated[list[str], Field(min_length=1)] | None = None
     grammar: str | None = None
