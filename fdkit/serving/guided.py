@@ -74,7 +74,11 @@ def _constraints(req: P.SamplingFields, tool_parser) -> list[tuple[str, Callable
 
 
 def _forbids_calls(req: P.SamplingFields, tool_parser) -> bool:
-    return tool_parser is not None and bool(getattr(req, "tools", None)) and req.tool_choice == "none"
+    return (
+        tool_parser is not None
+        and bool(getattr(req, "tools", None))
+        and getattr(req, "tool_choice", None) == "none"
+    )
 
 
 def no_call_grammar(start_tag: str) -> str:
