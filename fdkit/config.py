@@ -63,6 +63,7 @@ class EngineConfig:
     dist_secret: str | None = None  # shared by every node (conf: ${oc.env:FDKIT_DIST_SECRET}); never sent
     dist_ifname: str | None = None  # the collectives' network interface; None: the one of the node's address
     expert_parallel: bool = False  # tp > 1, MoE: each rank holds 1/tp of the routed experts whole
+    grammar_cache_size: int = 64  # guided decoding: compiled grammars kept (LRU, keyed by grammar text)
 
 
 @dataclass

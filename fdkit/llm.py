@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from fdkit.checkpoint import CheckpointReader
 from fdkit.config import FdkitConfig, load_config, to_config, to_overrides
-from fdkit.engine.llm_engine import LLMEngine, RequestOutput, load_tokenizer
+from fdkit.engine.guided import GrammarChecker
+from fdkit.engine.llm_engine import LLMEngine, RequestOutput, eos_token_ids, load_tokenizer
 from fdkit.engine.memory import MemoryPlan, plan_memory
 from fdkit.engine.rank_engine import RankEngine
 from fdkit.engine.sequence import SamplingParams, Sequence
@@ -64,6 +65,8 @@ class LLM:
         self.in_process = in_process
         self.engine = build_engine(self.config, self.model_path, self.tokenizer, in_process)
         self.max_model_len, self.vocab_size = self.engine.max_model_len, self.engine.vocab_size
+        eos_ids = eos_token_ids(self.model_path, self.tokenizer)
+        self.grammar_checker = GrammarChecker(self.tokenizer, self.vocab_size, eos_ids)
         self._request_counter = itertools.count()
         self._closed = False
 
@@ -86,6 +89,8 @@ class LLM:
         params = params or SamplingParams()
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._validate_prompt(token_ids, params)
+        if params.guided_decoding is not None:
+            self.grammar_checker.check(params.guided_decoding.grammar)
         seq = Sequence(token_ids, params, request_id)
         seq.prompt = prompt if isinstance(prompt, str) else None
         seq.max_tokens = min(params.max_tokens or self.max_model_len, self.max_model_len - len(token_ids))

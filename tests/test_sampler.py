@@ -118,3 +118,31 @@ def test_penalties_match_their_definitions():
 def test_invalid_parameters_are_rejected(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)
+
+
+def bitmask(rows: list[list[int]], vocab_size: int) -> np.ndarray:
+    """llguidance's layout: bit t of a row's int32 words set when token t is allowed."""
+    bits = np.zeros((len(rows), (vocab_size + 31) // 32 * 32), dtype=np.uint8)
+    for i, allowed in enumerate(rows):
+        bits[i, allowed] = 1
+    return np.packbits(bits, axis=1, bitorder="little").view(np.int32)
+
+
+def test_guided_masks_apply_per_row_for_the_whole_batch():
+    probs = [[0.02, 0.5, 0.3, 0.18]] * 3
+    allowed = bitmask([[2, 3], list(range(4)), [0]], 4)
+    seqs = seqs_for([SamplingParams(temperature=0)] * 2 + [SamplingParams(temperature=1.0)])
+    for _ in range(20):
+        assert Sampler([EOS])(logits_from_probs(probs), seqs, allowed) == [2, 1, 0]
+    sampled = [
+        Sampler([EOS])(logits_from_probs(probs), seqs_for([SamplingParams(seed=k)]), allowed[:1])[0]
+        for k in range(400)
+    ]
+    assert set(sampled) == {2, 3} and 0.5 < sampled.count(2) / 400 < 0.75  # 0.3 : 0.18 renormalised
+
+
+def test_the_grammar_wins_when_bans_leave_it_nothing():
+    """EOS is the grammar's only token while min_tokens bans it: the grammar's token is taken."""
+    params = [SamplingParams(temperature=0, min_tokens=5), SamplingParams(temperature=0, min_tokens=5)]
+    allowed = bitmask([[EOS], [EOS, 3]], 4)
+    assert Sampler([EOS])(logits_from_probs([PROBS, PROBS]), seqs_for(params), allowed) == [EOS, 3]

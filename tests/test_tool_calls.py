@@ -228,9 +228,19 @@ def test_tool_messages_render_through_a_template_that_uses_tools(tool_server, ti
 
 
 @pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
-def test_required_and_named_are_accepted_with_a_warning(tool_server, choice):
-    post(tool_server, {"messages": MESSAGES, "tools": TOOLS, "tool_choice": choice, **GREEDY})
-    assert "is accepted but not enforced" in tool_server.log_path.read_text()
+def test_required_and_named_are_enforced(tool_server, choice):
+    """Constrained decoding writes the call (tests/test_structured_output.py has 50 of each)."""
+    tools = json.loads(json.dumps(TOOLS))
+    parameters = tools[0]["function"]["parameters"]  # bounded: random weights never end a string
+    parameters.update(required=["location"], additionalProperties=False)
+    parameters["properties"]["location"]["maxLength"] = 8
+    body = {"messages": MESSAGES, "tools": tools, "tool_choice": choice, **GREEDY, "max_tokens": 200}
+    body.update(ignore_eos=False, parallel_tool_calls=False)
+    choice = post(tool_server, body)["choices"][0]
+    assert choice["finish_reason"] == "tool_calls", choice
+    [call] = choice["message"]["tool_calls"][:1]
+    assert call["function"]["name"] == "get_weather"
+    assert isinstance(json.loads(call["function"]["arguments"])["location"], str)
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,9 @@
 """Offline throughput: N requests of `input_len` random tokens, `output_len` new tokens each, all at once.
 
 Prints one JSON object per concurrency; with `--baseline paddleformers`, the same workload through
-paddleformers' `generate()` (KV cache on, same threads) on the same checkpoint, and the ratio.
+paddleformers' `generate()` (KV cache on, same threads) on the same checkpoint, and the ratio. With
+`--guided json_schema` every request is held to GUIDED_SCHEMA (guided decoding), and the same load
+unconstrained runs first as the baseline of `guided_ratio`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,32 @@ import time
 from typing import Any
 
 import numpy as np
+
+# Nested objects in a long array, enums, bounded strings and integers: the mask changes its shape at
+# nearly every token, and the array cannot close within the output (minItems), so the load is the
+# unconstrained one's: every request writes all its tokens.
+GUIDED_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "items": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "id": {"type": "integer", "minimum": 0, "maximum": 100000},
+                    "name": {"type": "string", "maxLength": 12},
+                    "kind": {"enum": ["book", "film", "song", "game"]},
+                    "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 4},
+                },
+                "required": ["id", "name", "kind", "tags"],
+                "additionalProperties": False,
+            },
+            "minItems": 64,
+        }
+    },
+    "required": ["items"],
+    "additionalProperties": False,
+}
 
 
 def add_arguments(parser) -> None:
@@ -27,6 +55,9 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--kv-cache-gib", type=float, default=2.0)
     parser.add_argument("--baseline", choices=["none", "paddleformers"], default="none")
+    parser.add_argument(
+        "--guided", choices=["none", "json_schema"], default="none", help="hold outputs to GUIDED_SCHEMA"
+    )
     parser.set_defaults(run=run)
 
 
@@ -39,12 +70,24 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def bench_fdkit(llm, prompts: list[list[int]], output_len: int) -> dict:
+def guided_decoding(kind: str):
+    """The constraint of a `--guided` load (None: none)."""
+    if kind == "none":
+        return None
+    from fdkit.engine.sequence import GuidedDecoding
+    from fdkit.serving.guided import json_schema_grammar
+
+    return GuidedDecoding(json_schema_grammar(GUIDED_SCHEMA))
+
+
+def bench_fdkit(llm, prompts: list[list[int]], output_len: int, guided=None) -> dict:
     from fdkit import SamplingParams
 
-    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
-    llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)  # warm-up
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True, guided_decoding=guided)
+    warm_up = SamplingParams(temperature=0, max_tokens=4, guided_decoding=guided)
+    llm.generate(prompts, warm_up, use_tqdm=False)  # the batch's shapes, before the clock starts
     request_ids = [llm.add_request(p, params) for p in prompts]
+    num_tokens = dict.fromkeys(request_ids, 0)
     first_token: dict[str, float] = {}
     decode_times: list[float] = []
     start = time.perf_counter()
@@ -56,11 +99,12 @@ def bench_fdkit(llm, prompts: list[list[int]], output_len: int) -> dict:
             decode_times.append(now - step_start)
         for output in outputs:
             first_token.setdefault(output.request_id, now - start)
+            num_tokens[output.request_id] = len(output.token_ids)  # a grammar may end a request early
     elapsed = time.perf_counter() - start
-    num_tokens = len(request_ids) * output_len
     ttfts = [first_token[r] for r in request_ids]
     return {
-        "output_tokens_per_s": round(num_tokens / elapsed, 2),
+        "output_tokens_per_s": round(sum(num_tokens.values()) / elapsed, 2),
+        "num_output_tokens": sum(num_tokens.values()),
         "ttft_ms_median": round(statistics.median(ttfts) * 1000, 1),
         "ttft_ms_max": round(max(ttfts) * 1000, 1),
         "decode_step_ms_median": round(statistics.median(decode_times) * 1000, 2),
@@ -146,8 +190,14 @@ def run(args) -> None:
             "concurrency": concurrency,
             "input_len": args.input_len,
             "output_len": args.output_len,
-            **bench_fdkit(llm, prompts, args.output_len),
         }
+        guided = guided_decoding(args.guided)
+        if guided is not None:
+            result["unconstrained"] = bench_fdkit(llm, prompts, args.output_len)
+        result.update(guided=args.guided, **bench_fdkit(llm, prompts, args.output_len, guided))
+        if guided is not None:
+            ratio = result["output_tokens_per_s"] / result["unconstrained"]["output_tokens_per_s"]
+            result["guided_ratio"] = round(ratio, 3)
         if baseline is not None:
             base = bench_paddleformers(baseline, prompts, args.output_len)
             result["baseline"] = {"engine": "paddleformers", **base}

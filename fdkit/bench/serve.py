@@ -4,7 +4,8 @@ Each level sends `num_prompts` streamed chat requests, at most `concurrency` at 
 32-word prompt and `max_tokens` tokens to generate (ignore_eos where the server honours it). Tokens are
 timed by `continuous_usage_stats` where the server has it (so tokens without visible text count too), else
 by content deltas. Prints one JSON object per level: output tokens/s, time to first token and inter-token
-latency (median, p99), errors.
+latency (median, p99), errors. `--response-format json_schema` holds every answer to the offline
+benchmark's GUIDED_SCHEMA (structured output).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--prompt-words", type=int, default=32)
     parser.add_argument("--api-key", default="null")
     parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument("--response-format", choices=["text", "json_schema"], default="text")
     parser.set_defaults(run=run)
 
 
@@ -73,6 +75,15 @@ async def one_request(client, url: str, headers: dict, body: dict) -> dict:
     }
 
 
+def response_format(kind: str) -> dict:
+    if kind == "text":
+        return {}
+    from fdkit.bench.offline import GUIDED_SCHEMA
+
+    schema = {"name": "items", "schema": GUIDED_SCHEMA, "strict": True}
+    return {"response_format": {"type": "json_schema", "json_schema": schema}}
+
+
 async def run_level(args, model: str, concurrency: int) -> dict:
     import httpx
 
@@ -92,6 +103,7 @@ async def run_level(args, model: str, concurrency: int) -> dict:
             "stream_options": {"include_usage": True, "continuous_usage_stats": True},
             "ignore_eos": True,
             "temperature": 0,
+            **response_format(args.response_format),
         }
         async with semaphore:
             try:

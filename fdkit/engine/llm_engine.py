@@ -57,6 +57,7 @@ class LLMEngine:
     def __init__(
         self, config: FdkitConfig, model_path: Path, tokenizer: Tokenizer, peers: list | None = None
     ):
+        from fdkit.engine.guided import GuidedDecoder
         from fdkit.engine.model_runner import ModelRunner
         from fdkit.engine.sampler import Sampler
 
@@ -70,6 +71,8 @@ class LLMEngine:
             self.runner.num_blocks, config.engine.block_size, config.engine.enable_prefix_caching
         )
         self.scheduler = Scheduler(self._scheduler_config(config), self.block_manager)
+        cache_size = config.engine.grammar_cache_size
+        self.guided = GuidedDecoder(tokenizer, self.vocab_size, self.eos_token_ids, cache_size)
         self.requests: dict[str, Sequence] = {}
         logger.info(
             "engine ready: %s, %d KV blocks of %d tokens",
@@ -87,6 +90,7 @@ class LLMEngine:
     def add_sequence(self, seq: Sequence) -> str:
         if seq.request_id in self.requests:
             raise ValueError(f"request id {seq.request_id!r} is already in use")
+        self.guided.add(seq)  # ValueError if its grammar does not compile (the API process checked it)
         seq.decoder = self.tokenizer.decoder(seq.params.skip_special_tokens)
         self.requests[seq.request_id] = seq
         self.scheduler.add(seq)
@@ -95,6 +99,7 @@ class LLMEngine:
     def abort(self, request_id: str) -> bool:
         """Ends a request and frees its blocks; False if it had already finished."""
         seq = self.requests.pop(request_id, None)
+        self.guided.release(request_id)
         if seq is not None:
             self.scheduler.finish(seq, "abort")
         return seq is not None
@@ -112,6 +117,7 @@ class LLMEngine:
             "kv_cache_usage": self.block_manager.usage,
             "prefix_cache_queries": self.block_manager.num_queried_tokens,
             "prefix_cache_hits": self.block_manager.num_hit_tokens,
+            "num_guided_matchers": self.guided.num_matchers,
         }
 
     def check_health(self) -> None:
@@ -146,13 +152,14 @@ class LLMEngine:
             raise self._fail_batch(seqs, exc) from exc
 
     def _sample(self, seqs: list[Sequence], logits) -> list[RequestOutput]:
-        sampled = self.sampler(logits, seqs)
+        sampled = self.sampler(logits, seqs, self.guided.bitmask(seqs))
         token_ids = [self._end_reasoning_if_due(seq, t) for seq, t in zip(seqs, sampled, strict=True)]
         if any(seq.params.logprobs is not None for seq in seqs):
             for seq, logprobs in zip(seqs, self.sampler.logprobs(logits, token_ids, seqs), strict=True):
                 if logprobs is not None:
                     seq.logprobs.append(logprobs)
-        return [self._postprocess(seq, token_id) for seq, token_id in zip(seqs, token_ids, strict=True)]
+        ends = [self.guided.accept(seq, token_id) for seq, token_id in zip(seqs, token_ids, strict=True)]
+        return [self._postprocess(*args) for args in zip(seqs, token_ids, ends, strict=True)]
 
     def _failing(self, batch) -> list[Sequence]:
         """The sequences of a failed step that fail alone too (all, if none does): the others' steps
@@ -188,16 +195,17 @@ class LLMEngine:
             seq.num_reasoning_tokens += 1
         return token_id
 
-    def _postprocess(self, seq: Sequence, token_id: int) -> RequestOutput:
+    def _postprocess(self, seq: Sequence, token_id: int, guided_end: str | None = None) -> RequestOutput:
         seq.append_token(token_id)
         if seq.first_token_time is None:
             seq.first_token_time = time.time()
         previous_len = len(seq.text)
         seq.text += seq.decoder.step(token_id)
-        reason = self._check_stop(seq, token_id, previous_len)
+        reason = self._check_stop(seq, token_id, previous_len) or guided_end  # a grammar's end ends it
         if reason is not None:
             self.scheduler.finish(seq, reason)
             self.requests.pop(seq.request_id, None)
+            self.guided.release(seq.request_id)
         return _output(seq)
 
     def _check_stop(self, seq: Sequence, token_id: int, previous_len: int) -> str | None:

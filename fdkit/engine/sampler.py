@@ -19,12 +19,17 @@ class Sampler:
     def __init__(self, eos_token_ids: list[int]):
         self.eos_token_ids = list(eos_token_ids)
 
-    def __call__(self, logits: paddle.Tensor, seqs: list[Sequence]) -> list[int]:
+    def __call__(
+        self, logits: paddle.Tensor, seqs: list[Sequence], allowed: np.ndarray | None = None
+    ) -> list[int]:
+        """`allowed`: guided decoding's token bitmask (fdkit/engine/guided.py), None if no row has one."""
         logits = logits.astype("float32")
         params = [seq.params for seq in seqs]
         if any(p.has_penalties for p in params):
             logits = self._apply_penalties(logits, seqs)
-        logits = self._ban(logits, seqs)
+        banned_ids = [self._banned(seq) for seq in seqs]
+        banned = _ban(logits, banned_ids)
+        logits = banned if allowed is None else _apply_allowed(logits, banned, allowed, banned_ids)
         greedy = np.array([p.is_greedy for p in params])
         if greedy.all():
             return paddle.argmax(logits, axis=-1).tolist()
@@ -76,18 +81,9 @@ class Sampler:
         logits = logits - column("frequency_penalty") * counts_t
         return logits - column("presence_penalty") * (counts_t > 0).astype("float32")
 
-    def _ban(self, logits: paddle.Tensor, seqs: list[Sequence]) -> paddle.Tensor:
-        """Banned tokens get -inf, the whole batch in one scatter: bad words, and EOS or stop tokens
-        before min_tokens (ignore_eos does not ban EOS: it only does not stop)."""
-        vocab_size = logits.shape[1]
-        banned = [(i, t) for i, seq in enumerate(seqs) for t in self._banned(seq) if 0 <= t < vocab_size]
-        if not banned:
-            return logits
-        rows, cols = zip(*banned, strict=True)
-        index = paddle.to_tensor(np.array([rows, cols], dtype=np.int64).T)
-        return paddle.scatter_nd_add(logits, index, paddle.full([len(rows)], -np.inf, dtype="float32"))
-
     def _banned(self, seq: Sequence) -> list[int]:
+        """Bad words, and EOS or stop tokens before min_tokens (ignore_eos does not ban EOS: it only
+        does not stop)."""
         params = seq.params
         banned = _bad_word_ends(seq) if params.bad_words_token_ids else []
         if seq.num_completion_tokens < params.min_tokens:
@@ -116,6 +112,38 @@ class Sampler:
             filtered_tokens = paddle.take_along_axis(cand_ids, paddle.to_tensor(picked[:, None]), axis=1)
             tokens = np.where(is_filtered, filtered_tokens.numpy()[:, 0], tokens)
         return tokens
+
+
+def _ban(logits: paddle.Tensor, banned_ids: list[list[int]]) -> paddle.Tensor:
+    """Banned tokens get -inf, the whole batch in one scatter."""
+    vocab_size = logits.shape[1]
+    banned = [(i, t) for i, ids in enumerate(banned_ids) for t in ids if 0 <= t < vocab_size]
+    if not banned:
+        return logits
+    rows, cols = zip(*banned, strict=True)
+    index = paddle.to_tensor(np.array([rows, cols], dtype=np.int64).T)
+    return paddle.scatter_nd_add(logits, index, paddle.full([len(rows)], -np.inf, dtype="float32"))
+
+
+def _apply_allowed(
+    logits: paddle.Tensor, banned: paddle.Tensor, allowed: np.ndarray, banned_ids: list[list[int]]
+) -> paddle.Tensor:
+    """Tokens outside each row's bitmask get -inf, the whole batch at once. The grammar wins: a row whose
+    every allowed token is also banned (bad words, EOS before min_tokens) keeps its allowed tokens."""
+    vocab_size = logits.shape[1]
+    bits = np.unpackbits(allowed.view(np.uint8), axis=1, bitorder="little")[:, :vocab_size].view(bool)
+    is_empty = np.array([_bans_all(row, ids) for row, ids in zip(bits, banned_ids, strict=True)])
+    if is_empty.any():
+        banned = paddle.where(paddle.to_tensor(is_empty[:, None]), logits, banned)
+    return paddle.where(paddle.to_tensor(bits), banned, paddle.to_tensor(-np.inf, dtype="float32"))
+
+
+def _bans_all(allowed_row: np.ndarray, banned_ids: list[int]) -> bool:
+    """Whether the bans leave none of the row's allowed tokens."""
+    if not banned_ids:
+        return False
+    ids = np.unique([t for t in banned_ids if 0 <= t < len(allowed_row)]).astype(np.int64)
+    return int(allowed_row[ids].sum()) == int(allowed_row.sum())
 
 
 def _keep_mask(cand_probs: paddle.Tensor, top_k, top_p, min_p) -> paddle.Tensor:

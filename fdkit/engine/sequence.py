@@ -9,6 +9,15 @@ from dataclasses import dataclass, field
 from enum import Enum, auto
 
 
+@dataclass(frozen=True)
+class GuidedDecoding:
+    """A constraint on the output: llguidance's grammar text (fdkit/engine/guided.py), from the start of
+    the completion or, with `after_reasoning`, from the end of reasoning (`reasoning_end_token_ids`)."""
+
+    grammar: str
+    after_reasoning: bool = False
+
+
 @dataclass
 class SamplingParams:
     """Per-request sampling, with OpenAI / FastDeploy / vLLM semantics.
@@ -38,6 +47,7 @@ class SamplingParams:
     # Banned words as token ids: a word's last token is banned when the rest were the last tokens generated.
     # Flat ids (FastDeploy's form) are one-token words.
     bad_words_token_ids: list[list[int]] = field(default_factory=list)
+    guided_decoding: GuidedDecoding | None = None  # structured output / forced tool calls
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -12,9 +12,10 @@ from collections.abc import Callable
 from jinja2.exceptions import TemplateError
 
 from fdkit.engine.async_engine import AsyncLLM, EngineDeadError
-from fdkit.engine.sequence import SamplingParams, Sequence
+from fdkit.engine.sequence import GuidedDecoding, SamplingParams, Sequence
 from fdkit.serving import protocol as P
 from fdkit.serving.errors import APIError, client_message, engine_unavailable, from_engine_error
+from fdkit.serving.guided import guided_decoding
 from fdkit.serving.reasoning import ReasoningParser, get_parser
 from fdkit.serving.shapes import ChatShape, CompletionShape, Shape
 from fdkit.serving.streams import EventStream, collect, event_stream
@@ -81,7 +82,14 @@ class OpenAIServing:
             raise APIError(400, message, "stop")
 
     def sampling_params(
-        self, req: P.SamplingFields, *, max_tokens, min_tokens, logprobs, reasoning_max_tokens
+        self,
+        req: P.SamplingFields,
+        *,
+        max_tokens,
+        min_tokens,
+        logprobs,
+        reasoning_max_tokens,
+        guided: GuidedDecoding | None = None,
     ) -> list[SamplingParams]:
         """One set per choice; choice i draws with seed + i."""
         self._check_stop(req.stop)
@@ -102,6 +110,7 @@ class OpenAIServing:
             reasoning_max_tokens=reasoning_max_tokens if end_ids else None,
             reasoning_end_token_ids=end_ids,
             bad_words_token_ids=self._bad_words(req),
+            guided_decoding=guided,
         )
         seed = req.seed if req.seed is not None else self.cfg.sampling.seed
         try:
@@ -114,6 +123,13 @@ class OpenAIServing:
         words = [w if isinstance(w, list) else [w] for w in req.bad_words_token_ids or []]
         self.check_token_ids([t for word in words for t in word], "bad_words_token_ids")
         return words + self.tokenizer.bad_words_ids(req.bad_words or [])
+
+    async def guided(self, req: P.SamplingFields, after_reasoning: bool) -> GuidedDecoding | None:
+        """The request's output constraint, checked by the grammar engine off the event loop."""
+        check = self.engine.llm.grammar_checker.check
+        loop = asyncio.get_running_loop()
+        build = lambda: guided_decoding(req, check, after_reasoning, self.tool_parser)
+        return await loop.run_in_executor(None, build)
 
     def check_token_ids(self, ids: list[int], param: str) -> None:
         vocab_size = self.engine.llm.vocab_size
@@ -129,10 +145,6 @@ class OpenAIServing:
             ignored.append("messages[].name")
         if ignored:
             logger.info("request %s: accepted but not honoured: %s", req.request_id, ", ".join(ignored))
-        choice = getattr(req, "tool_choice", None)
-        if choice not in (None, "none", "auto"):  # needs constrained decoding
-            named = choice if isinstance(choice, str) else f"function {choice.function.name!r}"
-            logger.warning("request %s: tool_choice %s is accepted but not enforced", req.request_id, named)
 
     async def prepare(self, prompt, params: list[SamplingParams], request_id: str) -> list[Sequence]:
         """Tokenized and validated sequences: nothing reaches the engine before all are ready."""
@@ -148,7 +160,8 @@ class OpenAIServing:
     async def chat(self, req: P.ChatCompletionRequest) -> P.ChatCompletionResponse | EventStream:
         self.log_request(req)
         prompt, thinking = await asyncio.get_running_loop().run_in_executor(None, self.chat_prompt, req)
-        params = self.sampling_params(req, **self._chat_limits(req, thinking))
+        guided = await self.guided(req, after_reasoning=thinking and bool(self.reasoning_end_ids))
+        params = self.sampling_params(req, **self._chat_limits(req, thinking), guided=guided)
         request_id = req.request_id or P.random_id("chatcmpl")
         release = self.ids.reserve(request_id, [f"{request_id}-{i}" for i in range(req.n)])
         try:
@@ -231,6 +244,7 @@ class OpenAIServing:
             min_tokens=req.min_tokens,
             logprobs=req.logprobs,
             reasoning_max_tokens=None,
+            guided=await self.guided(req, after_reasoning=False),
         )
         seq_ids = [f"{request_id}-{k}-{i}" for k in range(len(prompts)) for i in range(req.n)]
         release = self.ids.reserve(request_id, seq_ids)

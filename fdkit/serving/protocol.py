@@ -72,6 +72,30 @@ def required_unless(other: str):
     return check
 
 
+class JsonSchemaSpec(RequestPart):
+    """OpenAI's `response_format.json_schema`; the schema is enforced whatever `strict` says."""
+
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(RequestPart):
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]  # structural_tag: a 400
+    json_schema: JsonSchemaSpec | None = None
+
+
+class StructuredOutputs(RequestPart):
+    """vLLM's `structured_outputs` (its newer form of the guided_* fields): at most one key."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: Annotated[list[str], Field(min_length=1)] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
 class SamplingFields(RequestModel):
     """What chat and completion requests share."""
 
@@ -106,6 +130,13 @@ class SamplingFields(RequestModel):
         | None
     ) = None
     max_streaming_response_tokens: int = Field(1, ge=1, le=MAX_INT)
+    # Structured output (fdkit/serving/guided.py): at most one of these
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None  # a JSON schema, or its text
+    guided_regex: str | None = None
+    guided_choice: Annotated[list[str], Field(min_length=1)] | None = None
+    guided_grammar: str | None = None  # Lark (llguidance's dialect) or GBNF
+    structured_outputs: StructuredOutputs | None = None
 
     @field_validator("stop")
     @classmethod
@@ -200,6 +231,7 @@ class ChatCompletionRequest(SamplingFields):
     disable_chat_template: bool = False
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # false: a forced call is a single one
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self):

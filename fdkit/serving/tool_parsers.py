@@ -57,6 +57,7 @@ def extract(text: str, final: bool = True) -> tuple[str, list[ToolCall]]:
 
 class ToolParser:
     name = "ernie-x1"
+    start_tag, end_tag = TOOL_CALL, TOOL_CALL_END
 
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
         """The whole answer's (content, or None if only whitespace, and calls)."""

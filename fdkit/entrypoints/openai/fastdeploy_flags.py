@@ -131,7 +131,7 @@ IGNORED: dict[str, dict[str, str]] = {
         "--chat-template": VALUE,
         "--model-config-name": VALUE,
     },
-    "fdkit has no guided decoding or logits processors yet": {
+    "guided decoding is always llguidance, JSON without free whitespace; no logits processors": {
         "--guided-decoding-backend": VALUE,
         "--guided-decoding-disable-any-whitespace": VALUE,
         "--logits-processors": LIST,
