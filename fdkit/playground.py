@@ -18,8 +18,8 @@ import openai
 from fdkit.demo.dialogs import MULTIPLY_TOOL, run_tool
 
 THINKING_TITLE = "Thinking"
-TOOL_CALL_TITLE = "🛠️ Tool call"
-TOOL_RESULT_TITLE = "📎 Tool result"
+TOOL_CALL_TITLE = "Tool call"
+TOOL_RESULT_TITLE = "Tool result"
 DEMO_TOOLS = [MULTIPLY_TOOL]  # offered on every request with demo_tools; the playground runs them
 MAX_TOOL_ROUNDS = 3  # tool runs per turn before the playground stops going on
 
@@ -189,14 +189,24 @@ class Round:
             status = "done" if done or self.answer or self.calls else "pending"
             shown.append(_block(self.reasoning, THINKING_TITLE, status))
         for k, (_, call) in enumerate(sorted(self.calls.items())):
-            shown.append(_block(f"```json\n{call['arguments']}\n```", f"{TOOL_CALL_TITLE}: {call['name']}"))
+            title = _title(TOOL_CALL_TITLE, call["name"], call["arguments"])
+            shown.append(_block(f"```json\n{call['arguments']}\n```", title))
             if k < len(self.results):
                 shown.append(
-                    _block(f"```json\n{self.results[k]}\n```", f"{TOOL_RESULT_TITLE}: {call['name']}")
+                    _block(
+                        f"```json\n{self.results[k]}\n```",
+                        _title(TOOL_RESULT_TITLE, call["name"], self.results[k]),
+                    )
                 )
         if self.answer:
             shown.append(gr.ChatMessage(role="assistant", content=self.answer))
         return shown
+
+
+def _title(kind: str, name: str, detail: str, width: int = 60) -> str:
+    """`Tool call: multiply · {"a": 37, "b": 91}`: what a collapsed block shows."""
+    detail = " ".join(detail.split())
+    return f"{kind}: {name} · {detail if len(detail) <= width else detail[: width - 1] + '…'}"
 
 
 def _block(content: str, title: str, status: str = "done") -> gr.ChatMessage:

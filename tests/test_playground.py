@@ -65,7 +65,7 @@ def test_reasoning_is_not_sent_back_in_later_turns(demo_server):
     tokenizer = Tokenizer(load_config(["model=ernie_demo"]).model.path)
     conversation = [
         {"role": "user", "content": "What is 12+30?"},
-        {"role": "assistant", "content": "42"},
+        {"role": "assistant", "content": "42\n"},  # the content as the server sent it
         {"role": "user", "content": "计算 47+85"},
     ]
     # the demo's playground offers its tool on every request (playground.demo_tools, on with the demo)
@@ -81,7 +81,7 @@ def test_demo_tools_close_the_loop(demo_server):
 
     client = Client(demo_server.base_url + "/playground/", verbose=False)
     chat, stats, _ = ask(client, "What is 37*91?")
-    titles = [(m.get("metadata") or {}).get("title") for m in chat]
+    titles = [kind((m.get("metadata") or {}).get("title")) for m in chat]
     assert titles == [
         None,
         "Thinking",
@@ -93,9 +93,24 @@ def test_demo_tools_close_the_loop(demo_server):
     assert json.loads(texts(chat[2]).strip("`json\n")) == {"a": 37, "b": 91}
     assert json.loads(texts(chat[3]).strip("`json\n")) == {"result": 3367}
     assert texts(chat[-1]).strip() == "3367" and "2 requests" in stats
-    # the next turn sends the call and its result back (the session's history): it still answers
-    chat, stats, _ = ask(client, "计算 12+30")
-    assert texts(chat[-1]).strip() == "42" and "requests" not in stats
+    # the next turn sends the call and its result back (the session's history): its prompt holds them
+    _, stats, _ = ask(client, "计算 12+30")
+    call = {"type": "function", "function": {"name": "multiply", "arguments": {"a": 37, "b": 91}}}
+    conversation = [
+        {"role": "user", "content": "What is 37*91?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "content": '{"result": 3367}'},
+        {"role": "assistant", "content": "3367\n"},
+        {"role": "user", "content": "计算 12+30"},
+    ]
+    tokenizer = Tokenizer(load_config(["model=ernie_demo"]).model.path)
+    prompt = tokenizer.apply_chat_template(conversation, enable_thinking=True, tools=DEMO_TOOLS)
+    assert f"prompt {len(tokenizer.encode(prompt))} tokens" in stats and "requests" not in stats
+
+
+def kind(title: str | None) -> str | None:
+    """A block's title without its detail: `Tool call: multiply`."""
+    return title and title.split(" · ")[0]
 
 
 class Delta:
@@ -125,7 +140,7 @@ def test_a_streamed_tool_call_is_its_own_block():
     turn.add(Chunk(Delta(tool_calls=[call_delta(1, "call-2", "get_time", '{"zone": "UTC"}')])))
     turn.add(Chunk(Delta(tool_calls=[call_delta(0, arguments='"北京"}')])))
     shown = turn.messages()
-    titles = [(m.metadata or {}).get("title") for m in shown]
+    titles = [kind((m.metadata or {}).get("title")) for m in shown]
     assert titles == [None, "Thinking", f"{TOOL_CALL_TITLE}: get_weather", f"{TOOL_CALL_TITLE}: get_time"]
     assert '{"location": "北京"}' in shown[2].content and "UTC" in shown[3].content
     assert "北京" not in shown[1].content
@@ -137,7 +152,7 @@ def test_a_streamed_tool_call_is_its_own_block():
     }
     assert [m["tool_call_id"] for m in messages[1:]] == ["call-1", "call-2"]
     turn.add(Chunk(Delta(content="Sunny.")))
-    titles = [(m.metadata or {}).get("title") for m in turn.messages()]
+    titles = [kind((m.metadata or {}).get("title")) for m in turn.messages()]
     assert titles[2:] == [
         f"{TOOL_CALL_TITLE}: get_weather",
         f"{TOOL_RESULT_TITLE}: get_weather",
@@ -220,6 +235,8 @@ def test_browser_shows_a_tool_call_and_its_result(browser, demo_server, tmp_path
     assert chat.get_by_text(f"{TOOL_CALL_TITLE}: multiply").count() == 1
     assert chat.get_by_text(f"{TOOL_RESULT_TITLE}: multiply").count() == 1
     assert chat.get_by_text("Thinking").count() == 2
+    assert chat.get_by_text('multiply · {"a": 37, "b": 91}').count() == 1  # seen without a click
+    assert chat.get_by_text('multiply · {"result": 3367}').count() == 1
     assert "2 requests" in page.locator("#stats").inner_text()
 
 
