@@ -117,6 +117,7 @@ class PlaygroundConfig:
     port: int | None = None  # ... or served on its own port when set
     base_url: str | None = None  # None: this server's API; any OpenAI-compatible URL works
     max_tokens: int = 512  # where the max_tokens slider starts
+    demo_tools: bool = False  # offer the demo's multiply tool, run its calls, go on (ernie_demo: true)
 
 
 @dataclass

@@ -249,6 +249,7 @@ def add_playground(app: FastAPI, cfg: FdkitConfig, url: str) -> FastAPI:
         base_url=cfg.playground.base_url or f"{url}/v1",
         api_key=keys[0] if keys else "null",
         max_tokens=cfg.playground.max_tokens,
+        demo_tools=cfg.playground.demo_tools,
     )
     if cfg.playground.port:
         blocks.launch(server_name=cfg.server.host, server_port=cfg.playground.port, prevent_thread_lock=True)

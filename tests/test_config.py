@@ -27,7 +27,8 @@ def test_default_composes_into_the_typed_schema():
     cfg = load_config()
     assert isinstance(cfg, FdkitConfig)
     assert cfg.tp == 1 and cfg.model.name == "ernie-demo" and cfg.engine.block_size == 64
-    assert cfg.server.reasoning_parser == "ernie-45-vl"  # the demo model thinks
+    assert cfg.server.reasoning_parser == "ernie-x1"  # the demo model thinks as the Thinking model does
+    assert cfg.model.tool_parser == "ernie-x1" and cfg.playground.demo_tools  # and calls its tool
 
 
 @pytest.mark.parametrize(("group", "path"), group_options(), ids=lambda v: getattr(v, "stem", v))

@@ -1,10 +1,12 @@
-"""Trains the demo model: `python -m fdkit.demo.train OUT [--minutes 18] [--seed 0]`.
+"""Trains the demo model: `python -m fdkit.demo.train OUT [--cpu-minutes 36] [--seed 0] [--arch ...]`.
 
-A small ERNIE 4.5 (fdkit's own model class, run without a KV cache) learns the arithmetic task of
-`fdkit.demo.arithmetic` from seeded, generated data for `--minutes`, then is written in the published
-`-Paddle` layout (bf16) with its SentencePiece tokenizer and a chat template that honours
-`enable_thinking`. Its greedy accuracy on held-out problems, thinking on and off, is printed; OUT appears
-only once all of this has succeeded.
+A small ERNIE 4.5 (fdkit's own model class, run without a KV cache) learns the conversations of
+`fdkit.demo.dialogs` (sums and differences worked out digit by digit, products handed to a `multiply`
+tool) from seeded, generated data, in batches of examples of similar length, until it has used
+`--cpu-minutes` of CPU time (user + sys: the same work on a shared machine as on an idle one). It is then
+written in the published `-Paddle` layout (bf16) with its SentencePiece tokenizer and chat template; its
+greedy accuracy on held-out problems (`fdkit.demo.evaluate`, over the engine) is printed. OUT appears only
+once it is whole.
 """
 
 from __future__ import annotations
@@ -22,20 +24,12 @@ import paddle
 import paddle.nn.functional as F
 
 from fdkit.checkpoint import save_checkpoint, staged_folder
-from fdkit.demo.arithmetic import Problem, held_out_problems, random_problem
+from fdkit.demo.dialogs import ADDED_TOKENS, CHAT_TEMPLATE, Dialog, random_dialog, training_chunks
 from fdkit.models import ernie4_5
 from fdkit.models.layers import AttentionBatch
-from fdkit.tiny import MESSAGES_TEMPLATE, model_config, tokenizer_files, train_tokenizer
+from fdkit.tiny import model_config, tokenizer_files, train_tokenizer
 from fdkit.tokenizer import Tokenizer
 
-# Thinking on (the default) opens the think block in the prompt; off closes an empty one, as ERNIE's
-# thinking models do.
-CHAT_TEMPLATE = MESSAGES_TEMPLATE + (
-    "{%- if add_generation_prompt is not defined or add_generation_prompt -%}"
-    "{%- if enable_thinking is defined and not enable_thinking -%}"
-    "{{- 'Assistant: <think>\n\n</think>\n\n' -}}"
-    "{%- else -%}{{- 'Assistant: <think>\n' -}}{%- endif -%}{%- endif -%}"
-)
 GENERATION_CONFIG = {
     "bos_token_id": 1,
     "eos_token_id": 2,
@@ -56,44 +50,58 @@ ARCH = dict(
     bf16=True,
     num_shards=1,
 )
-EVAL_SEED = 10_000
+
+
+def render(tokenizer: Tokenizer | None, dialog: Dialog) -> str:
+    """The prompt of a dialog, through the chat template (jinja's own when no tokenizer exists yet)."""
+    kwargs = {"enable_thinking": dialog.thinking, "tools": dialog.tools}
+    if tokenizer is not None:
+        return tokenizer.apply_chat_template(dialog.messages, **kwargs)
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    return env.from_string(CHAT_TEMPLATE).render(
+        messages=dialog.messages, add_generation_prompt=True, **kwargs
+    )
 
 
 def tokenizer_corpus(seed: int, num: int = 4000) -> list[str]:
-    rng = random.Random(seed)
-    lines = []
+    """Whole conversations without the atomic tokens (SentencePiece never sees those)."""
+    rng, lines = random.Random(seed), []
     for _ in range(num):
-        problem = random_problem(rng)
-        lines += [f"User: {problem.question}", f"Assistant: {problem.completion(thinking=True)}"]
+        dialog = random_dialog(rng)
+        text = render(None, dialog) + dialog.completion
+        for token in ADDED_TOKENS:
+            text = text.replace(token, "\n")
+        lines += [line for line in text.split("\n") if line]
     return lines
 
 
 def build_tokenizer(folder: Path, seed: int) -> Tokenizer:
     sp = train_tokenizer(folder, 400, seed, lines=tokenizer_corpus(seed), split_digits=True)
     tokenizer_files(folder, sp, chat_template=CHAT_TEMPLATE, generation=GENERATION_CONFIG)
+    added = {token: sp.get_piece_size() + k for k, token in enumerate(ADDED_TOKENS)}
+    (folder / "added_tokens.json").write_text(json.dumps(added, indent=2))
     return Tokenizer(folder)
 
 
-def encode_example(tokenizer, problem: Problem, thinking: bool) -> tuple[list[int], int]:
+def encode_example(tokenizer: Tokenizer, dialog: Dialog) -> tuple[list[int], int]:
     """Token ids of prompt + completion + EOS, and where the completion starts (the loss covers it)."""
-    messages = [{"role": "user", "content": problem.question}]
-    prompt = tokenizer.encode(tokenizer.apply_chat_template(messages, enable_thinking=thinking))
-    completion = tokenizer.encode(problem.completion(thinking)) + [tokenizer.eos_token_id]
+    prompt = tokenizer.encode(render(tokenizer, dialog))
+    completion = tokenizer.encode(dialog.completion) + [tokenizer.eos_token_id]
     return prompt + completion, len(prompt)
 
 
-def training_batches(seed: int, batch_size: int) -> Iterator[tuple[list[Problem], list[bool]]]:
-    """The training stream: (problems, thinking flags) per step, the same for a seed every time."""
-    rng = random.Random(seed)
-    while True:
-        problems = [random_problem(rng) for _ in range(batch_size)]
-        yield problems, [rng.random() < 0.75 for _ in problems]
-
-
-def training_set(seed: int, steps: int, batch_size: int) -> set[tuple[int, str, int]]:
-    """Every (a, op, b) a finished training run saw (replayed from its seed and step count)."""
-    batches = training_batches(seed, batch_size)
-    return {(p.a, p.op, p.b) for _ in range(steps) for p in next(batches)[0]}
+def training_batches(
+    tokenizer: Tokenizer, seed: int, batch_size: int
+) -> Iterator[list[tuple[list[int], int]]]:
+    """Encoded batches of similar length (little padding), in a seeded random order."""
+    rng = random.Random(seed + 1)
+    for chunk in training_chunks(seed, batch_size):
+        examples = sorted((encode_example(tokenizer, d) for d in chunk), key=lambda e: len(e[0]))
+        batches = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
+        rng.shuffle(batches)
+        yield from batches
 
 
 def make_batch(examples: list[tuple[list[int], int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -118,72 +126,77 @@ def init_weights(model, seed: int) -> None:
         param.set_value(paddle.to_tensor(value))
 
 
-def train(out: Path, minutes: float, seed: int, batch_size: int = 48, lr: float = 2e-3) -> dict:
-    """Trains for `minutes` and writes the model, its tokenizer and training.json into `out`."""
-    from fdkit.engine.model_runner import configure_runtime, no_strided_views
+def build_model(tokenizer: Tokenizer, arch: dict, seed: int):
+    vocab_size = -(-tokenizer.vocab_size // 64) * 64
+    raw_config = model_config({**arch, "vocab_size": vocab_size}, "paddle")
+    config = ernie4_5.CONFIG_CLASS.from_dict(raw_config)
+    model = ernie4_5.MODEL_CLASS(config, max_position=arch["max_position_embeddings"])
+    init_weights(model, seed)
+    return model, raw_config
+
+
+def train_step(model, optimizer, ids: np.ndarray, targets: np.ndarray) -> float:
+    from fdkit.engine.model_runner import no_strided_views
+
+    with no_strided_views():
+        logits = forward_all(model, ids)
+        loss = F.cross_entropy(
+            logits.reshape([-1, logits.shape[-1]]),
+            paddle.to_tensor(targets.reshape([-1, 1])),
+            ignore_index=-100,
+        )
+        loss.backward()
+    optimizer.step()
+    optimizer.clear_grad()
+    return float(loss)
+
+
+def learning_rate(lr: float, step: int, progress: float) -> float:
+    """Warm-up over 100 steps, then a cosine down to 5% of `lr` at the end of the time budget."""
+    return (
+        lr * min(1.0, (step + 1) / 100) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+    )
+
+
+def train(
+    out: Path, cpu_minutes: float, seed: int, arch: dict, batch_size: int = 48, lr: float = 2e-3
+) -> dict:
+    """Trains until the process has used `cpu_minutes` of CPU time (user + sys, all threads: the same
+    amount of work on a busy machine as on an idle one) and writes the model, its tokenizer and
+    training.json into `out`."""
+    from fdkit.engine.model_runner import configure_runtime
 
     configure_runtime("cpu", 0)
     paddle.seed(seed)
     tokenizer = build_tokenizer(out, seed)
-    vocab_size = -(-tokenizer.vocab_size // 64) * 64
-    raw_config = model_config({**ARCH, "vocab_size": vocab_size}, "paddle")
-    model = ernie4_5.MODEL_CLASS(
-        ernie4_5.CONFIG_CLASS.from_dict(raw_config), max_position=ARCH["max_position_embeddings"]
-    )
-    init_weights(model, seed)
+    model, raw_config = build_model(tokenizer, arch, seed)
     optimizer = paddle.optimizer.AdamW(
         learning_rate=lr,
         parameters=model.parameters(),
         weight_decay=0.01,
         grad_clip=paddle.nn.ClipGradByGlobalNorm(1.0),
     )
-    batches, start, step, losses, seen = training_batches(seed, batch_size), time.time(), 0, [], set()
-    budget = minutes * 60
-    while time.time() - start < budget:
-        problems, thinking = next(batches)
-        seen.update((p.a, p.op, p.b) for p in problems)
-        examples = [encode_example(tokenizer, p, t) for p, t in zip(problems, thinking, strict=True)]
-        ids, targets = make_batch(examples)
-        progress = (time.time() - start) / budget
-        optimizer.set_lr(
-            lr * min(1.0, (step + 1) / 100) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
-        )
-        with no_strided_views():
-            logits = forward_all(model, ids)
-            loss = F.cross_entropy(
-                logits.reshape([-1, vocab_size]),
-                paddle.to_tensor(targets.reshape([-1, 1])),
-                ignore_index=-100,
-            )
-            loss.backward()
-        optimizer.step()
-        optimizer.clear_grad()
-        losses.append(float(loss))
+    batches, start, step, losses = training_batches(tokenizer, seed, batch_size), time.time(), 0, []
+    budget, cpu_start = cpu_minutes * 60, time.process_time()
+    while (used := time.process_time() - cpu_start) < budget:
+        optimizer.set_lr(learning_rate(lr, step, used / budget))
+        ids, targets = make_batch(next(batches))
+        losses.append(train_step(model, optimizer, ids, targets))
         step += 1
         if step % 50 == 0:
-            print(
-                json.dumps(
-                    {
-                        "step": step,
-                        "loss": round(sum(losses[-50:]) / 50, 4),
-                        "minutes": round((time.time() - start) / 60, 2),
-                    }
-                ),
-                flush=True,
-            )
-    save(model, raw_config, out)
-    (out / "training.json").write_text(
-        json.dumps(
-            {
-                "seed": seed,
-                "steps": step,
-                "batch_size": batch_size,
-                "minutes": round((time.time() - start) / 60, 2),
-                "final_loss": round(sum(losses[-50:]) / 50, 4),
+            report = {
+                "step": step,
+                "loss": round(sum(losses[-50:]) / 50, 4),
+                "cpu_minutes": round(used / 60, 2),
             }
-        )
-    )
-    return {"steps": step, "seen": seen}
+            print(json.dumps({**report, "minutes": round((time.time() - start) / 60, 2)}), flush=True)
+    save(model, raw_config, out, arch)
+    info = {"seed": seed, "steps": step, "batch_size": batch_size, "lr": lr}
+    info |= {"cpu_minutes": round((time.process_time() - cpu_start) / 60, 2)}
+    info |= {"minutes": round((time.time() - start) / 60, 2)}
+    info["final_loss"] = round(sum(losses[-50:]) / max(1, len(losses[-50:])), 4)
+    (out / "training.json").write_text(json.dumps(info))
+    return info
 
 
 def forward_all(model, ids: np.ndarray) -> paddle.Tensor:
@@ -195,47 +208,33 @@ def forward_all(model, ids: np.ndarray) -> paddle.Tensor:
     return model(paddle.to_tensor(ids.reshape(-1)), positions, caches, batch)
 
 
-def save(model, raw_config: dict, out: Path) -> None:
+def save(model, raw_config: dict, out: Path, arch: dict) -> None:
     """The trained parameters in the published `-Paddle` layout, bf16, with config.json."""
     state = {name: param.numpy() for name, param in model.named_parameters()}
-    save_checkpoint(out, state, ernie4_5, raw_config, "paddle", ARCH["num_shards"], ARCH["bf16"])
+    save_checkpoint(out, state, ernie4_5, raw_config, "paddle", arch["num_shards"], arch["bf16"])
 
 
-def evaluate(folder: Path, num: int = 200, exclude: set[tuple[int, str, int]] | None = None) -> dict:
-    """Greedy accuracy through fdkit's engine, thinking on and off, on held-out problems."""
-    from fdkit import LLM, SamplingParams
-
-    problems = held_out_problems(num, EVAL_SEED, exclude)
-    greedy = SamplingParams(temperature=0, max_tokens=160)
-    result = {}
-    with LLM(folder, max_model_len=512, num_kv_blocks=256, block_size=16, show_progress=False) as llm:
-        for thinking in (True, False):
-            outputs = llm.chat(
-                [[{"role": "user", "content": p.question}] for p in problems],
-                greedy,
-                enable_thinking=thinking,
-                use_tqdm=False,
-            )
-            correct = sum(answer_of(o.text) == p.answer for o, p in zip(outputs, problems, strict=True))
-            result["thinking_on" if thinking else "thinking_off"] = correct / num
-    return result
-
-
-def answer_of(text: str) -> str:
-    return text.split("</think>")[-1].strip()
+def parse_arch(text: str) -> dict:
+    """`hidden_size=256,num_hidden_layers=6` on top of ARCH."""
+    changes = dict(item.split("=", 1) for item in text.split(",") if item)
+    return {**ARCH, **{k: int(v) for k, v in changes.items()}}
 
 
 def main(argv: list[str] | None = None) -> None:
+    from fdkit.demo.evaluate import evaluate_engine
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out")
-    parser.add_argument("--minutes", type=float, default=18.0)
+    parser.add_argument("--cpu-minutes", type=float, default=36.0, help="CPU time to train for (user + sys)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--arch", default="", help="changes to ARCH, e.g. num_hidden_layers=6")
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--batch-size", type=int, default=48)
     args = parser.parse_args(argv)
     with staged_folder(Path(args.out)) as staging:
-        trained = train(staging, args.minutes, args.seed)
-        scores = evaluate(staging, exclude=trained["seen"])
-        size_bytes = sum(f.stat().st_size for f in staging.iterdir())
-        print(json.dumps({"accuracy": scores, "size_bytes": size_bytes}))
+        info = train(staging, args.cpu_minutes, args.seed, parse_arch(args.arch), args.batch_size, args.lr)
+    size_bytes = sum(f.stat().st_size for f in Path(args.out).iterdir())
+    print(json.dumps({"accuracy": evaluate_engine(Path(args.out)), "size_bytes": size_bytes, **info}))
 
 
 if __name__ == "__main__":
