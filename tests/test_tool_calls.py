@@ -74,7 +74,10 @@ def output(text: str, finished: bool = True, finish_reason: str | None = "stop")
 
 
 def test_chat_shape_extracts_calls():
-    choice = chat_shape().choice(0, None, output(THINKING + WEATHER + "\n" + TIME)).model_dump()
+    choice = chat_shape().choice(0, None, output(THINKING + WEATHER + "\n" + TIME))
+    wire = choice.model_dump(exclude_none=True)["message"]  # as the server sends it
+    assert "content" in wire and wire["content"] is None  # null, not absent, as OpenAI's
+    choice = choice.model_dump()
     message = choice["message"]
     assert choice["finish_reason"] == "tool_calls" and message["content"] is None
     assert message["reasoning_content"] == "The user wants the weather.\n"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -342,16 +342,21 @@ class ChoiceLogprobs(OpenAIModel):
 class AlwaysSendsReasoning(OpenAIModel):
     """`reasoning_content` is on the wire even when null (FastDeploy's messages always carry it)."""
 
+    ALWAYS_SENT: ClassVar[tuple[str, ...]] = ("reasoning_content",)
     reasoning_content: str | None = None
 
     @model_serializer(mode="wrap")
     def _keep_reasoning_content(self, handler):
         data = handler(self)
-        data.setdefault("reasoning_content", self.reasoning_content)
+        for name in self.ALWAYS_SENT:
+            data.setdefault(name, getattr(self, name))
         return data
 
 
 class ChatResponseMessage(AlwaysSendsReasoning):
+    """A whole message: `content` is null, not absent, when the model only calls tools (as OpenAI's is)."""
+
+    ALWAYS_SENT: ClassVar[tuple[str, ...]] = ("content", "reasoning_content")
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     reasoning_content: str | None = None
