@@ -378,3 +378,11 @@ def test_rank_0_drops_peers_that_fail_the_handshake(monkeypatch):
     finally:
         for s in [*sockets, *peers, *results[1:]]:
             s.close()
+
+
+def test_the_logged_config_masks_the_secret_and_the_api_keys():
+    from fdkit.launch import _loggable
+
+    config = load_config(["engine.dist_secret=s3cret-of-nodes", "server.api_keys=[key-1]"])
+    shown = _loggable(config)
+    assert "s3cret-of-nodes" not in shown and "key-1" not in shown and "dist_secret: '***'" in shown
