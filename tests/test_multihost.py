@@ -157,10 +157,11 @@ def test_greedy_tokens_across_hosts_equal_tp1(cluster, tiny_paddle):
     assert "node 1 joined" in log and f"{SUBNET}.1" in log
 
 
-def test_the_secret_is_on_no_command_line(cluster):
+def test_the_secret_is_on_no_command_line_and_not_in_the_log(cluster):
     server, node1 = cluster
     for pid in [*rank_pids(server), server.process.pid, node1.pid]:
         assert SECRET.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    assert "dist_secret: '***'" in server.log_path.read_text() and SECRET not in server.log_path.read_text()
 
 
 def test_a_rank_killed_on_the_other_host_fails_cleanly_then_rejoins(cluster):
