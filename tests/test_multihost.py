@@ -387,3 +387,20 @@ def test_the_logged_config_masks_the_secret_and_the_api_keys():
     config = load_config(["engine.dist_secret=s3cret-of-nodes", "server.api_keys=[key-1]"])
     shown = _loggable(config)
     assert "s3cret-of-nodes" not in shown and "key-1" not in shown and "dist_secret: '***'" in shown
+
+
+def test_closing_a_listener_ends_the_thread_blocked_in_its_accept():
+    """start_ranks' accept of rank 0, when rank 0 never comes: the thread must end, not leak."""
+    import threading
+    from multiprocessing.connection import Listener
+
+    from fdkit.engine.rank_engine import _accept_rank0
+    from fdkit.engine.rank_nodes import close_listener
+
+    listener, accepted = Listener(("127.0.0.1", 0), authkey=b"key"), []
+    thread = threading.Thread(target=_accept_rank0, args=(listener, accepted), daemon=True)
+    thread.start()
+    time.sleep(0.2)  # let it block in accept (if it has not yet, the close wakes it all the same)
+    close_listener(listener)
+    thread.join(5)
+    assert not thread.is_alive() and accepted == []

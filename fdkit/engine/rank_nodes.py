@@ -81,6 +81,13 @@ def accept_authenticated(listener: Listener, authkey: bytes) -> Connection:
     return conn
 
 
+def close_listener(listener: Listener) -> None:
+    """Closes `listener` and wakes a thread blocked in its accept (closing alone would not, on Linux)."""
+    with contextlib.suppress(OSError):
+        socket.create_connection(listener.address, timeout=1).close()
+    listener.close()
+
+
 def _set_read_timeout(conn: Connection, timeout_s: float) -> None:
     """SO_RCVTIMEO on the connection's socket (0: none); a read that times out raises BlockingIOError."""
     with socket.socket(fileno=os.dup(conn.fileno())) as sock:
@@ -171,9 +178,7 @@ def join_nodes(config: FdkitConfig, job: dict, is_starting) -> list[NodeLink]:
                     links[link.node_rank] = link
     finally:
         stop.set()
-        with contextlib.suppress(OSError):  # wakes the accepting thread: closing alone would not
-            socket.create_connection(listener.address, timeout=1).close()
-        listener.close()
+        close_listener(listener)
     missing = sorted(set(range(1, engine.nnodes)) - set(links))
     if missing:
         for link in links.values():
