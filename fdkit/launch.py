@@ -76,9 +76,11 @@ def _supervised_engine(cfg: FdkitConfig, on_fatal=None) -> AsyncLLM:
 
 
 def _loggable(cfg: FdkitConfig) -> str:
-    """The config as YAML, API keys masked."""
+    """The config as YAML, API keys and the nodes' secret masked."""
     shown = OmegaConf.structured(cfg)
     shown.server.api_keys = ["***"] * len(cfg.server.api_keys)
+    if cfg.engine.dist_secret:
+        shown.engine.dist_secret = "***"
     return OmegaConf.to_yaml(shown)
 
 

@@ -41,9 +41,9 @@ def test_flags_map_onto_the_config(tmp_path):
     argv = ["--model", "baidu/ERNIE-4.5-0.3B-Paddle", "-tp", "2", "--gpu-memory-utilization", "0.7"]
     argv += ["--num-gpu-blocks-override", "128", "--metrics-port", "9001", "--revision", "v1"]
     argv += ["--enable-expert-parallel", "--api-key", "a", "--api-key", "b", "--max-model-len", "32768"]
-    cfg = load_fastdeploy_config(parse_args(argv))
+    cfg = load_fastdeploy_config(parse_args([*argv, "--data-parallel-size", "3"]))
     assert cfg.model.path == "baidu/ERNIE-4.5-0.3B-Paddle" and cfg.model.name == "ERNIE-4.5-0.3B-Paddle"
-    assert (cfg.tp, cfg.engine.memory_utilization, cfg.engine.num_kv_blocks) == (2, 0.7, 128)
+    assert (cfg.tp, cfg.dp, cfg.engine.memory_utilization, cfg.engine.num_kv_blocks) == (2, 3, 0.7, 128)
     assert (cfg.server.metrics_port, cfg.model.revision, cfg.engine.expert_parallel) == (9001, "v1", True)
     assert cfg.server.api_keys == ["a", "b"] and cfg.engine.max_model_len == 32768
     assert cfg.engine.kv_cache_gib is None  # sized from memory

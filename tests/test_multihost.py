@@ -157,10 +157,11 @@ def test_greedy_tokens_across_hosts_equal_tp1(cluster, tiny_paddle):
     assert "node 1 joined" in log and f"{SUBNET}.1" in log
 
 
-def test_the_secret_is_on_no_command_line(cluster):
+def test_the_secret_is_on_no_command_line_and_not_in_the_log(cluster):
     server, node1 = cluster
     for pid in [*rank_pids(server), server.process.pid, node1.pid]:
         assert SECRET.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    assert "dist_secret: '***'" in server.log_path.read_text() and SECRET not in server.log_path.read_text()
 
 
 def test_a_rank_killed_on_the_other_host_fails_cleanly_then_rejoins(cluster):
@@ -266,3 +267,140 @@ def test_a_node_is_dead_when_it_says_so_goes_silent_or_hangs_up(monkeypatch):
     assert not said.is_alive() and "rank 1 exited with status -9" in said.name
     assert not silent.is_alive() and "no report" in silent.name
     assert not gone.is_alive() and "lost the connection" in gone.name
+
+
+def _agent(address: tuple, authkey: bytes, hello: dict, replies: list) -> None:
+    """A node's agent as rank_agent joins: retries until node 0 listens, says hello, keeps the job."""
+    from multiprocessing.connection import Client
+
+    deadline = time.time() + 10
+    while True:
+        try:
+            conn = Client(address, authkey=authkey)
+            break
+        except ConnectionRefusedError:
+            assert time.time() < deadline
+            time.sleep(0.05)
+    conn.send(hello)
+    replies.append(conn.recv())
+    conn.close()
+
+
+def _silent_client(address: tuple, sockets: list) -> None:
+    """Connects and never answers the challenge (a port scanner, or a peer with no secret)."""
+    import socket
+
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            sockets.append(socket.create_connection(address))
+            return
+        except ConnectionRefusedError:
+            time.sleep(0.05)
+
+
+def test_a_silent_or_wrong_client_cannot_hold_node_0s_door(monkeypatch):
+    """A client that never answers the challenge holds node 0's accept thread for HANDSHAKE_S only; a
+    wrong secret is refused; the real agent still joins within the start timeout."""
+    import threading
+
+    from fdkit.engine import rank_nodes
+
+    monkeypatch.setattr(rank_nodes, "HANDSHAKE_S", 0.5)
+    port = free_port()
+    config = load_config(
+        ["tp=2", "engine.nnodes=2", "engine.master_addr=127.0.0.1", f"engine.master_port={port}"]
+        + ["engine.dist_secret=s3cret", "engine.rank_start_timeout_s=5"]
+    )
+    address, sockets, replies, wrong = ("127.0.0.1", port), [], [], []
+    hello = {"node_rank": 1, "tp": 2, "nnodes": 2, "host": "host-b"}
+
+    def clients():
+        _silent_client(address, sockets)
+        time.sleep(0.1)  # the silent one is in the handshake first
+        threading.Thread(target=lambda: wrong.append(_refused(address)), daemon=True).start()
+        _agent(address, b"s3cret", hello, replies)
+
+    thread = threading.Thread(target=clients, daemon=True)
+    thread.start()
+    try:
+        links = rank_nodes.join_nodes(config, {"job": 1}, lambda: True)
+        thread.join(5)
+        assert [link.node_rank for link in links] == [1] and replies == [("job", {"job": 1})]
+        assert wrong == ["refused"]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _refused(address: tuple) -> str:
+    from multiprocessing import AuthenticationError
+    from multiprocessing.connection import Client
+
+    try:
+        Client(address, authkey=b"wrong").close()
+    except (AuthenticationError, EOFError, OSError):
+        return "refused"
+    return "admitted"
+
+
+def test_rank_0_drops_peers_that_fail_the_handshake(monkeypatch):
+    """On several hosts rank 0's peer port is open to the network: a silent client and a wrong key are
+    dropped (before the fix the wrong key raised AuthenticationError and killed rank 0)."""
+    import threading
+
+    from fdkit.engine import rank_nodes
+    from fdkit.engine.rank_worker import _accept_peers
+
+    monkeypatch.setattr(rank_nodes, "HANDSHAKE_S", 0.5)
+    address, sockets, results = ("127.0.0.1", free_port()), [], []
+
+    def clients():
+        _silent_client(address, sockets)
+        time.sleep(0.1)
+        results.append(_refused(address))
+        from multiprocessing.connection import Client
+
+        peer = Client(address, authkey=b"key")
+        peer.send(1)
+        results.append(peer)
+
+    peers: list = []
+    rank0 = threading.Thread(
+        target=lambda: peers.extend(_accept_peers({"rank0_listen": list(address), "world_size": 2}, b"key")),
+        daemon=True,
+    )
+    rank0.start()
+    thread = threading.Thread(target=clients, daemon=True)
+    thread.start()
+    try:
+        rank0.join(10)  # a hang here (an accept stuck on the silent client) fails, not stalls, the test
+        assert len(peers) == 1 and results[0] == "refused"
+    finally:
+        for s in [*sockets, *peers, *results[1:]]:
+            s.close()
+
+
+def test_the_logged_config_masks_the_secret_and_the_api_keys():
+    from fdkit.launch import _loggable
+
+    config = load_config(["engine.dist_secret=s3cret-of-nodes", "server.api_keys=[key-1]"])
+    shown = _loggable(config)
+    assert "s3cret-of-nodes" not in shown and "key-1" not in shown and "dist_secret: '***'" in shown
+
+
+def test_closing_a_listener_ends_the_thread_blocked_in_its_accept():
+    """start_ranks' accept of rank 0, when rank 0 never comes: the thread must end, not leak."""
+    import threading
+    from multiprocessing.connection import Listener
+
+    from fdkit.engine.rank_engine import _accept_rank0
+    from fdkit.engine.rank_nodes import close_listener
+
+    listener, accepted = Listener(("127.0.0.1", 0), authkey=b"key"), []
+    thread = threading.Thread(target=_accept_rank0, args=(listener, accepted), daemon=True)
+    thread.start()
+    time.sleep(0.2)  # let it block in accept (if it has not yet, the close wakes it all the same)
+    close_listener(listener)
+    thread.join(5)
+    assert not thread.is_alive() and accepted == []

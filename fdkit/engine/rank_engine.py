@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection, Listener, wait
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from fdkit.engine.rank_nodes import (
     ClusterError,
     NodeLink,
     check_nodes,
+    close_listener,
     interface_towards,
     join_nodes,
     local_ranks,
@@ -208,7 +210,7 @@ def start_ranks(
         args["ifname"] = engine.dist_ifname or interface_towards(engine.master_addr)
     processes = [RankProcess(rank, args) for rank in local_ranks(config, 0)]
     accepted: list[Connection] = []
-    thread = threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True)
+    thread = threading.Thread(target=_accept_rank0, args=(listener, accepted), daemon=True)
     thread.start()  # rank 0 reports in; meanwhile, the other nodes join and no rank may die
     nodes: list[NodeLink] = []
     try:
@@ -221,11 +223,18 @@ def start_ranks(
         stop_ranks(processes, grace_s=0)
         raise
     finally:
-        listener.close()
+        close_listener(listener)  # the accepting thread ends, whether rank 0 came or not
     if not accepted:
         stop_ranks([*processes, *nodes], grace_s=0)
         raise EngineDeadError("the rank processes did not start (see their output above)")
     return processes, nodes, accepted[0]
+
+
+def _accept_rank0(listener: Listener, accepted: list[Connection]) -> None:
+    with contextlib.suppress(
+        AuthenticationError, EOFError, OSError
+    ):  # close_listener's wake-up, a stray client
+        accepted.append(listener.accept())
 
 
 def rank_job(config: FdkitConfig) -> dict:

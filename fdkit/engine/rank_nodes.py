@@ -16,13 +16,14 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import os
 import queue
 import socket
 import struct
 import threading
 import time
 from multiprocessing import AuthenticationError
-from multiprocessing.connection import Connection, Listener
+from multiprocessing.connection import Connection, Listener, answer_challenge, deliver_challenge
 
 from fdkit.config import FdkitConfig
 from fdkit.engine.llm_engine import EngineDeadError
@@ -30,6 +31,7 @@ from fdkit.engine.llm_engine import EngineDeadError
 logger = logging.getLogger(__name__)
 HEARTBEAT_S = 1.0  # how often an agent reports
 SILENCE_S = 10.0  # a node that has not reported for this long is dead
+HANDSHAKE_S = 5.0  # a peer that has not proven the secret by then is dropped
 SIOCGIFADDR = 0x8915
 
 
@@ -62,6 +64,35 @@ def check_nodes(config: FdkitConfig) -> None:
 def local_ranks(config: FdkitConfig, node_rank: int) -> list[int]:
     per_node = config.tp // config.engine.nnodes
     return list(range(node_rank * per_node, (node_rank + 1) * per_node))
+
+
+def accept_authenticated(listener: Listener, authkey: bytes) -> Connection:
+    """The next peer of `listener` (made without an authkey) that proves `authkey` within HANDSHAKE_S.
+    Raises AuthenticationError or OSError (a peer silent or gone); nothing it sent is unpickled."""
+    conn = listener.accept()
+    try:
+        _set_read_timeout(conn, HANDSHAKE_S)
+        deliver_challenge(conn, authkey)
+        answer_challenge(conn, authkey)
+        _set_read_timeout(conn, 0)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def close_listener(listener: Listener) -> None:
+    """Closes `listener` and wakes a thread blocked in its accept (closing alone would not, on Linux)."""
+    with contextlib.suppress(OSError):
+        socket.create_connection(listener.address, timeout=1).close()
+    listener.close()
+
+
+def _set_read_timeout(conn: Connection, timeout_s: float) -> None:
+    """SO_RCVTIMEO on the connection's socket (0: none); a read that times out raises BlockingIOError."""
+    with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+        seconds, micros = int(timeout_s), int(timeout_s % 1 * 1e6)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", seconds, micros))
 
 
 def interface_towards(host: str) -> str | None:
@@ -124,7 +155,9 @@ def join_nodes(config: FdkitConfig, job: dict, is_starting) -> list[NodeLink]:
     when `engine.rank_start_timeout_s` runs out (or `is_starting()` turns False: a local rank died)."""
     engine = config.engine
     try:
-        listener = Listener((engine.master_addr, engine.master_port), authkey=engine.dist_secret.encode())
+        listener = Listener(
+            (engine.master_addr, engine.master_port)
+        )  # authenticated per peer, with a timeout
     except OSError as exc:
         where = f"{engine.master_addr}:{engine.master_port}"
         raise ClusterError(
@@ -132,7 +165,8 @@ def join_nodes(config: FdkitConfig, job: dict, is_starting) -> list[NodeLink]:
         ) from exc
     arrivals: queue.Queue = queue.Queue()
     stop = threading.Event()
-    threading.Thread(target=_accept_all, args=(listener, arrivals, stop), daemon=True).start()
+    authkey = engine.dist_secret.encode()
+    threading.Thread(target=_accept_all, args=(listener, authkey, arrivals, stop), daemon=True).start()
     links: dict[int, NodeLink] = {}
     deadline = time.time() + engine.rank_start_timeout_s
     try:
@@ -144,9 +178,7 @@ def join_nodes(config: FdkitConfig, job: dict, is_starting) -> list[NodeLink]:
                     links[link.node_rank] = link
     finally:
         stop.set()
-        with contextlib.suppress(OSError):  # wakes the accepting thread: closing alone would not
-            socket.create_connection(listener.address, timeout=1).close()
-        listener.close()
+        close_listener(listener)
     missing = sorted(set(range(1, engine.nnodes)) - set(links))
     if missing:
         for link in links.values():
@@ -155,19 +187,21 @@ def join_nodes(config: FdkitConfig, job: dict, is_starting) -> list[NodeLink]:
     return [links[k] for k in sorted(links)]
 
 
-def _accept_all(listener: Listener, arrivals: queue.Queue, stop: threading.Event) -> None:
+def _accept_all(listener: Listener, authkey: bytes, arrivals: queue.Queue, stop: threading.Event) -> None:
     while not stop.is_set():
         try:
-            conn = listener.accept()
+            conn = accept_authenticated(listener, authkey)
         except AuthenticationError:
             if not stop.is_set():
                 logger.warning("a node was refused: its engine.dist_secret differs from node 0's")
             continue
-        except (EOFError, OSError):  # a client gone during the handshake (or the wake-up call)
+        except (EOFError, OSError):  # a client gone or silent during the handshake (or the wake-up call)
             continue
         with contextlib.suppress(EOFError, OSError):
-            if conn.poll(5.0):
+            if conn.poll(HANDSHAKE_S):
                 arrivals.put((conn, conn.recv()))
+                continue
+        conn.close()  # an agent that never said hello
 
 
 def _admit(config: FdkitConfig, conn: Connection, hello: dict, links: dict) -> NodeLink | None:

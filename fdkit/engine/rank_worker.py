@@ -17,6 +17,7 @@ import signal
 import sys
 import time
 import traceback
+from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from fdkit.checkpoint import CheckpointError
 from fdkit.config import FdkitConfig, to_config
 from fdkit.engine.llm_engine import LLMEngine, RequestFailedError, load_tokenizer
 from fdkit.engine.rank_messages import DeltaEncoder
+from fdkit.engine.rank_nodes import accept_authenticated
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +79,15 @@ def _local_config(args: dict) -> FdkitConfig:
 
 
 def _accept_peers(args: dict, authkey: bytes) -> list[Connection]:
-    listener = Listener(tuple(args["rank0_listen"]), authkey=authkey)
-    peers = [listener.accept() for _ in range(args["world_size"] - 1)]
+    """The other ranks, sorted; a client that fails or stalls the handshake (on several hosts this
+    port is open to the network) is dropped, not fatal."""
+    listener = Listener(tuple(args["rank0_listen"]))
+    peers: list[Connection] = []
+    while len(peers) < args["world_size"] - 1:
+        try:
+            peers.append(accept_authenticated(listener, authkey))
+        except (AuthenticationError, EOFError, OSError) as exc:
+            logger.warning("rank 0 dropped a peer that did not authenticate: %r", exc)
     peers.sort(key=lambda peer: peer.recv())  # each peer first says its rank
     listener.close()
     return peers

@@ -11,6 +11,7 @@ MAPPED = {
     "--host": "server.host",
     "--metrics-port": "server.metrics_port",
     "--tensor-parallel-size": "tp",
+    "--data-parallel-size": "dp",
     "--max-model-len": "engine.max_model_len",
     "--max-num-seqs": "engine.max_num_seqs",
     "--max-num-batched-tokens": "engine.max_num_batched_tokens",
@@ -98,7 +99,6 @@ IGNORED: dict[str, dict[str, str]] = {
         "--early-stop-config": VALUE,
     },
     "fdkit runs one engine on one host (tensor parallel only): start more servers behind a balancer": {
-        "--data-parallel-size": VALUE,
         "--local-data-parallel-id": VALUE,
         "--pipeline-parallel-size": VALUE,
         "--ips": VALUE,
