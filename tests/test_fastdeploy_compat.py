@@ -16,7 +16,12 @@ from hub_standin import HubStandIn
 from server_utils import ROOT, Server, free_port
 from test_memory_plan import A3B, needs_moe
 
-from fdkit.entrypoints.openai.api_server import ignored_warnings, load_fastdeploy_config, parse_args
+from fdkit.entrypoints.openai.api_server import (
+    ignored_warnings,
+    load_fastdeploy_config,
+    node_flags,
+    parse_args,
+)
 from fdkit.entrypoints.openai.fastdeploy_flags import MAPPED, MAPPED_SWITCHES, SWITCH, TOGGLE, ignored_flags
 
 API_SERVER = [sys.executable, "-m", "fdkit.entrypoints.openai.api_server"]
@@ -47,6 +52,15 @@ def test_flags_map_onto_the_config(tmp_path):
     assert (cfg.server.metrics_port, cfg.model.revision, cfg.engine.expert_parallel) == (9001, "v1", True)
     assert cfg.server.api_keys == ["a", "b"] and cfg.engine.max_model_len == 32768
     assert cfg.engine.kv_cache_gib is None  # sized from memory
+
+
+def test_ips_name_the_nodes_and_this_host_among_them():
+    args = parse_args(["--model", "m", "-tp", "4", "--ips", "198.51.100.7, 127.0.0.1"])  # TEST-NET-2
+    cfg = load_fastdeploy_config(args)
+    assert (cfg.engine.nnodes, cfg.engine.master_addr, cfg.engine.node_rank) == (2, "198.51.100.7", 1)
+    assert node_flags("127.0.0.1")["engine.node_rank"] == 0
+    with pytest.raises(ValueError, match="none of these addresses is this host's"):
+        node_flags("198.51.100.7,203.0.113.9")
 
 
 def test_config_file_as_fastdeploy_reads_it(tmp_path):
@@ -95,7 +109,7 @@ def test_ernie_x1_reasoning_parser_always_thinks():
 
 def test_the_docs_table_names_every_flag():
     doc = (ROOT / "docs" / "fastdeploy_flags.md").read_text()
-    flags = [*MAPPED, *MAPPED_SWITCHES, *ignored_flags(), "--model", "--api-key", "--config"]
+    flags = [*MAPPED, *MAPPED_SWITCHES, *ignored_flags(), "--model", "--api-key", "--config", "--ips"]
     assert [flag for flag in flags if f"`{flag}`" not in doc] == []
 
 

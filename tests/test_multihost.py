@@ -404,3 +404,16 @@ def test_closing_a_listener_ends_the_thread_blocked_in_its_accept():
     close_listener(listener)
     thread.join(5)
     assert not thread.is_alive() and accepted == []
+
+
+def test_fastdeploys_ips_give_each_host_its_node(hosts):
+    """`--ips A,B`, the same on every host: each namespace finds itself by its own address."""
+    code = (
+        "from fdkit.entrypoints.openai.api_server import node_flags as f; import sys; print(f(sys.argv[1]))"
+    )
+    ips = f"{SUBNET}.1,{SUBNET}.2"
+    for node_rank, ns in enumerate(hosts):
+        command = ["ip", "netns", "exec", ns, sys.executable, "-c", code, ips]
+        found = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        want = {"engine.nnodes": 2, "engine.master_addr": f"{SUBNET}.1", "engine.node_rank": node_rank}
+        assert found.strip() == str(want)

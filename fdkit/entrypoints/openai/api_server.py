@@ -13,8 +13,10 @@ Then the same `run(cfg)` as `launch.py` serves it.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
+import socket
 import sys
 from pathlib import Path
 
@@ -57,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         help_text = f"no effect: {reason}".replace("%", "%%")
         parser.add_argument(flag, dest=_dest(flag), default=None, help=help_text, **ARGPARSE_KIND[kind])
     parser.add_argument("--api-key", action="append", default=None, help="repeatable")
+    parser.add_argument("--ips", default=None, help="the nodes' addresses A,B,...; the first is the master")
     parser.add_argument(
         "--config", default=None, help="YAML file of flags (FastDeploy's); the command line wins"
     )
@@ -121,11 +124,36 @@ def text_flags(args: argparse.Namespace) -> dict[str, object]:
 def set_text_flags(cfg, args: argparse.Namespace):
     """Sets the free-text flags on the typed config `cfg`, except a key an --override sets (it wins)."""
     overridden = {item.partition("=")[0].lstrip("+~") for item in args.override}
-    for key, value in text_flags(args).items():
+    values = text_flags(args) | (node_flags(args.ips) if args.ips else {})
+    for key, value in values.items():
         if key not in overridden:
             section, _, name = key.rpartition(".")
             setattr(getattr(cfg, section), name, value)
     return cfg
+
+
+def node_flags(ips_text: str) -> dict[str, object]:
+    """FastDeploy's `--ips A,B,...`, the same command on every node: the first address is node 0 (the
+    master), and this host is the node whose address it has. ValueError if it has none of them."""
+    ips = [ip.strip() for ip in ips_text.split(",") if ip.strip()]
+    node_rank = next((i for i, ip in enumerate(ips) if is_local_address(ip)), None)
+    if node_rank is None:
+        raise ValueError(f"--ips {ips_text}: none of these addresses is this host's")
+    return {"engine.nnodes": len(ips), "engine.master_addr": ips[0], "engine.node_rank": node_rank}
+
+
+def is_local_address(ip: str) -> bool:
+    """Whether this host (its network namespace) has the address `ip`: only then can a socket bind it."""
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(ip).version == 6 else socket.AF_INET
+    except ValueError:
+        return False
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((ip, 0))
+        except OSError:
+            return False
+    return True
 
 
 def load_fastdeploy_config(args: argparse.Namespace):
@@ -150,6 +178,9 @@ def main(argv: list[str] | None = None) -> None:
     except (HydraException, OmegaConfBaseException) as exc:
         cause = f" ({exc.__cause__})" if exc.__cause__ else ""  # Hydra's message names only the override
         logger.error("cannot start: %s", " ".join(f"{exc}{cause}".split()))
+        raise SystemExit(2) from None
+    except ValueError as exc:  # --ips names no address of this host
+        logger.error("cannot start: %s", exc)
         raise SystemExit(2) from None
     run(cfg)
 

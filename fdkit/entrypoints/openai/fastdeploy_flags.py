@@ -98,10 +98,9 @@ IGNORED: dict[str, dict[str, str]] = {
         "--enable-early-stop": SWITCH,
         "--early-stop-config": VALUE,
     },
-    "fdkit runs one engine on one host (tensor parallel only): start more servers behind a balancer": {
+    "fdkit has no pipeline parallelism, prefill/decode split or external router (tp over hosts: --ips)": {
         "--local-data-parallel-id": VALUE,
         "--pipeline-parallel-size": VALUE,
-        "--ips": VALUE,
         "--workers": VALUE,
         "--splitwise-role": VALUE,
         "--innode-prefill-ports": VALUE,
