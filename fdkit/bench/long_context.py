@@ -23,6 +23,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--streams", type=int, default=4, help="stall: decode streams running meanwhile")
     parser.add_argument("--kv-cache-gib", type=float, default=2.0)
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
+    parser.add_argument("--max-decode-stall", type=float, default=None, help="0: off; default: the config's")
     parser.add_argument("--threads", type=int, default=0)
     parser.set_defaults(run=run)
 
@@ -104,6 +105,7 @@ def run(args) -> None:
         "kv_cache_gib": args.kv_cache_gib,
         "max_model_len": args.input_len + 1024,
         **({"max_num_batched_tokens": args.max_num_batched_tokens} if args.max_num_batched_tokens else {}),
+        **({"max_decode_stall": args.max_decode_stall} if args.max_decode_stall is not None else {}),
     }
     llm = LLM.from_config(
         ["model=ernie", f"model.path={args.model}", *[f"engine.{k}={v}" for k, v in engine.items()]]

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fdkit.engine.kv_cache import BlockManager
+from fdkit.engine.prefill_budget import PrefillBudget
 from fdkit.engine.scheduler import Scheduler, SchedulerConfig
 from fdkit.engine.sequence import Sequence
 
@@ -71,6 +72,9 @@ class LLMEngine:
             self.runner.num_blocks, config.engine.block_size, config.engine.enable_prefix_caching
         )
         self.scheduler = Scheduler(self._scheduler_config(config), self.block_manager)
+        max_stall = config.engine.max_decode_stall
+        max_tokens = self.scheduler.config.max_num_batched_tokens
+        self.prefill_budget = PrefillBudget(max_stall, max_tokens) if max_stall else None
         cache_size = config.engine.grammar_cache_size
         self.guided = GuidedDecoder(tokenizer, self.vocab_size, self.eos_token_ids, cache_size)
         self.requests: dict[str, Sequence] = {}
@@ -132,10 +136,18 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Outputs of the requests the step advanced. If it fails, those requests are aborted and
-        RequestFailedError names them; the engine serves on."""
-        batch = self.scheduler.schedule()
+        RequestFailedError names them; the engine serves on. Timed, to cap prompt chunks next to decodes."""
+        budget = self.prefill_budget
+        batch = self.scheduler.schedule(budget.max_prompt_tokens if budget else None)
         if not batch.seqs:
             return []
+        start = time.perf_counter()
+        outputs = self._run(batch)
+        if budget is not None:
+            budget.observe(batch.num_decodes, batch.num_prompt_tokens, time.perf_counter() - start)
+        return outputs
+
+    def _run(self, batch) -> list[RequestOutput]:
         try:
             logits = self.runner.forward(batch.seqs, batch.num_new_tokens)
         except Exception as exc:

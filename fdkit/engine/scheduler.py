@@ -24,19 +24,30 @@ class ScheduledBatch:
 
     seqs: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
+    is_decode: list[bool] = field(default_factory=list)  # one token left to compute (else a prompt chunk)
 
     def add(self, seq: Sequence, num_new_tokens: int) -> None:
         self.seqs.append(seq)
         self.num_new_tokens.append(num_new_tokens)
+        self.is_decode.append(seq.num_uncomputed_tokens == 1)
 
     def remove(self, seq: Sequence) -> int:
         index = self.seqs.index(seq)
         self.seqs.pop(index)
+        self.is_decode.pop(index)
         return self.num_new_tokens.pop(index)
 
     @property
     def num_tokens(self) -> int:
         return sum(self.num_new_tokens)
+
+    @property
+    def num_decodes(self) -> int:
+        return sum(self.is_decode)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return self.num_tokens - self.num_decodes
 
 
 class Scheduler:
@@ -53,19 +64,27 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self, max_prompt_tokens: int | None = None) -> ScheduledBatch:
         """The next step's batch: running sequences (decodes before prompt chunks), then waiting ones
-        while tokens, sequences and blocks allow. No waiting sequence is admitted in a step that preempts."""
+        while tokens, sequences and blocks allow. No waiting sequence is admitted in a step that preempts.
+        If the batch has decodes, its prompt chunks hold at most `max_prompt_tokens` (None: no cap)."""
         batch = ScheduledBatch()
         num_preemptions = self.num_preemptions
-        self._schedule_running(batch)
+        self._schedule_running(batch, max_prompt_tokens)
         if self.num_preemptions == num_preemptions:
-            self._schedule_waiting(batch)
+            self._schedule_waiting(batch, max_prompt_tokens)
         return batch
 
-    def _schedule_running(self, batch: ScheduledBatch) -> None:
+    def _budget(self, batch: ScheduledBatch, seq: Sequence, max_prompt_tokens: int | None) -> int:
+        """Tokens `seq` may compute in `batch`: what is left of the step's, and of the prompt cap."""
+        budget = self.config.max_num_batched_tokens - batch.num_tokens
+        if max_prompt_tokens is not None and batch.num_decodes and seq.num_uncomputed_tokens > 1:
+            budget = min(budget, max_prompt_tokens - batch.num_prompt_tokens)
+        return budget
+
+    def _schedule_running(self, batch: ScheduledBatch, max_prompt_tokens: int | None) -> None:
         for seq in sorted(self.running, key=lambda s: s.num_uncomputed_tokens > 1):
-            budget = self.config.max_num_batched_tokens - batch.num_tokens
+            budget = self._budget(batch, seq, max_prompt_tokens)
             if seq.status != SequenceStatus.RUNNING or budget <= 0:
                 continue
             num_new = min(seq.num_uncomputed_tokens, budget)
@@ -80,10 +99,10 @@ class Scheduler:
                 self.block_manager.grow(seq, seq.num_computed_tokens + num_new)
                 batch.add(seq, num_new)
 
-    def _schedule_waiting(self, batch: ScheduledBatch) -> None:
+    def _schedule_waiting(self, batch: ScheduledBatch, max_prompt_tokens: int | None) -> None:
         while self.waiting and len(self.running) < self.config.max_num_seqs:
-            budget = self.config.max_num_batched_tokens - batch.num_tokens
             seq = self.waiting[0]
+            budget = self._budget(batch, seq, max_prompt_tokens)
             cached = self.block_manager.cached_prefix(seq)
             num_computed = len(cached) * self.block_manager.block_size
             num_new = min(seq.num_tokens - num_computed, budget)

@@ -63,7 +63,8 @@ IGNORED: dict[str, dict[str, str]] = {
         "--kvcache-storage-backend": VALUE,
         "--write-policy": VALUE,
     },
-    "fdkit always prefills prompts in chunks within --max-num-batched-tokens, decodes first": {
+    "fdkit always prefills prompts in chunks within --max-num-batched-tokens, decodes first, "
+    "and caps chunks next to decodes by time (engine.max_decode_stall)": {
         "--enable-chunked-prefill": SWITCH,
         "--max-num-partial-prefills": VALUE,
         "--max-long-partial-prefills": VALUE,
