@@ -36,7 +36,9 @@ class ModelConfig:
 @dataclass
 class EngineConfig:
     device: str = "cpu"  # "cpu", "gpu" or "gpu:N"
-    dtype: str = "float32"  # "bfloat16" / "float16" need a GPU build of paddle
+    dtype: str = "float32"  # "bfloat16": on CPU compiled, with avx512_bf16 or AMX; "float16": GPU only
+    compile: bool = True  # CPU: dense parts run as Paddle Inference programs (oneDNN); False: dygraph
+    compile_cache_dir: str | None = "~/.cache/fdkit/compiled"  # compiled programs kept; None: none kept
     threads: int = 0  # 0: the host's cores shared among the ranks
     block_size: int = 64  # tokens per KV block
     kv_cache_gib: float | None = None  # KV cache of one rank; None: sized from memory (memory_utilization)

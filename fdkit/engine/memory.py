@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 GB, GIB = 10**9, 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-CPU_DTYPES = ("float32",)  # paddle has no CPU matmul kernel for bfloat16 / float16 in dygraph
+CPU_DTYPES = ("float32",)  # paddle's dygraph has no CPU matmul for bfloat16 / float16 (compiled: bf16)
 MIN_FIT_MODEL_LEN = 4096  # with max_model_len unset, a machine that cannot hold this context is refused
 RUNTIME_BYTES = 5 * 10**8  # paddle, Python, the tokenizer: a rank of the tiny test model is 0.39 GB RSS
 DEFAULT_UTILIZATION = {"cpu": 0.5, "gpu": 0.9}
@@ -214,7 +214,7 @@ def plan_memory(config, model_path: str | Path, available_bytes: int | None = No
     plan = MemoryPlan(
         model=model,
         device=device_kind(engine.device),
-        dtype=engine.dtype,
+        dtype=dygraph_dtype(engine),  # sizes: a CPU loads float32 (and keeps a float32 KV cache)
         tp=config.tp,
         block_size=engine.block_size,
         max_model_len=engine.max_model_len or model.max_position,
@@ -225,7 +225,7 @@ def plan_memory(config, model_path: str | Path, available_bytes: int | None = No
     if is_model_len:  # the machine must hold at least a shorter context
         plan.max_model_len = min(model.max_position, MIN_FIT_MODEL_LEN)
     _check_fits(plan, requested or plan.num_min_blocks)
-    _check_runnable(plan)
+    _check_runnable(plan, engine)
     plan.max_model_len = engine.max_model_len or model.max_position
     utilization = engine.memory_utilization or DEFAULT_UTILIZATION[plan.device]
     plan.num_kv_blocks = requested or plan.auto_kv_blocks(utilization, engine.max_num_seqs)
@@ -291,12 +291,45 @@ def _advice(plan: MemoryPlan, num_blocks: int) -> str:
     )
 
 
-def _check_runnable(plan: MemoryPlan) -> None:
-    if plan.device == "cpu" and plan.dtype not in CPU_DTYPES:
+def is_compiled(engine) -> bool:
+    """Whether the step is compiled (fdkit/engine/compiled.py): on CPU only; the GPU path runs dygraph
+    until a GPU can verify it."""
+    return bool(engine.compile) and device_kind(engine.device) == "cpu"
+
+
+def dygraph_dtype(engine) -> str:
+    """The dtype of the weights as loaded, the KV cache and attention: float32 on CPU, where paddle's
+    dygraph has no bfloat16 matmul (a compiled bfloat16 step holds its own bfloat16 weights)."""
+    return "float32" if device_kind(engine.device) == "cpu" else engine.dtype
+
+
+def cpu_has_bfloat16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """avx512_bf16 or AMX: what oneDNN's bfloat16 matmul needs to beat float32."""
+    try:
+        flags = set(cpuinfo.read_text().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def _check_runnable(plan: MemoryPlan, engine) -> None:
+    if plan.device != "cpu" or engine.dtype in CPU_DTYPES:
+        return
+    if engine.dtype != "bfloat16":
         raise PlanError(
-            f"engine.dtype={plan.dtype} cannot run on CPU: paddle {version('paddlepaddle')} has no CPU "
-            "matmul kernel for it; use engine.dtype=float32 (--dtype float32), or a GPU build of paddle "
-            "with engine.device=gpu"
+            f"engine.dtype={engine.dtype} cannot run on CPU: paddle {version('paddlepaddle')} has no CPU "
+            "kernels for it; use engine.dtype=float32 or bfloat16, or a GPU build of paddle with "
+            "engine.device=gpu"
+        )
+    if not engine.compile:
+        raise PlanError(
+            "engine.dtype=bfloat16 on CPU needs the compiled step (engine.compile=true): paddle's "
+            "dygraph has no CPU bfloat16 matmul"
+        )
+    if not cpu_has_bfloat16():
+        raise PlanError(
+            "engine.dtype=bfloat16 on CPU needs a CPU with avx512_bf16 or AMX (this one has neither, see "
+            "the flags in /proc/cpuinfo); use engine.dtype=float32"
         )
 
 

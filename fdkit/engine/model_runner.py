@@ -11,24 +11,31 @@ from pathlib import Path
 import numpy as np
 import paddle
 
+from fdkit import parallel
 from fdkit.checkpoint import read_config
-from fdkit.engine.memory import DTYPE_BYTES
+from fdkit.engine import compiled
+from fdkit.engine.compile_cache import CompileCache, model_signature, source_signature
+from fdkit.engine.compiled import CompiledModel
+from fdkit.engine.memory import DTYPE_BYTES, dygraph_dtype, is_compiled
 from fdkit.engine.sequence import Sequence
 from fdkit.models import model_module
+from fdkit.models import layers
 from fdkit.models.layers import AttentionBatch, AttentionGroup
 from fdkit.models.loader import load_weights
-from fdkit.parallel import set_expert_parallel
+from fdkit.parallel import get_parallel_state, set_expert_parallel
 
 logger = logging.getLogger(__name__)
 
 
-def configure_runtime(device: str, threads: int, world_size: int = 1) -> None:
+def configure_runtime(device: str, threads: int, world_size: int = 1) -> int:
     """Device, and CPU threads: paddle pins OpenMP to one thread on import; MKL wants a hint on AMD.
-    threads=0 shares the cores among the ranks on this host."""
+    threads=0 shares the cores among the ranks on this host. Returns the threads."""
     os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")
     paddle.set_device(device)
+    threads = threads or max(1, len(os.sched_getaffinity(0)) // world_size)
     if device == "cpu":
-        paddle.base.core.set_num_threads(threads or max(1, len(os.sched_getaffinity(0)) // world_size))
+        paddle.base.core.set_num_threads(threads)
+    return threads
 
 
 @contextmanager
@@ -62,23 +69,40 @@ class ModelRunner:
     def __init__(self, engine_cfg, model_path: str | Path, peers: list | None = None, world_size: int = 1):
         self.cfg = engine_cfg
         self.peers = peers or []  # connections to the other tensor-parallel ranks (rank 0 only)
-        configure_runtime(engine_cfg.device, engine_cfg.threads, world_size)
+        self.threads = configure_runtime(engine_cfg.device, engine_cfg.threads, world_size)
         if engine_cfg.dtype not in DTYPE_BYTES:
             raise ValueError(f"engine.dtype must be one of {list(DTYPE_BYTES)}, got {engine_cfg.dtype!r}")
+        self.is_compiled = is_compiled(engine_cfg)
         raw_config = read_config(model_path)
         self.module = model_module(raw_config)
         self.model_config = self.module.CONFIG_CLASS.from_dict(raw_config)
         self.max_model_len = engine_cfg.max_model_len or self.model_config.max_position_embeddings
         self.block_size = engine_cfg.block_size
         self.num_blocks = self._num_kv_blocks()
-        paddle.set_default_dtype(engine_cfg.dtype)
+        paddle.set_default_dtype(dygraph_dtype(engine_cfg))
         paddle.seed(engine_cfg.seed)
         set_expert_parallel(engine_cfg.expert_parallel)
         with paddle.no_grad():
             self.model = self.module.MODEL_CLASS(self.model_config)
             self.model.eval()
             load_weights(self.model, self.module, Path(model_path), engine_cfg.show_progress)
+            self.compiled = self._compile(Path(model_path)) if self.is_compiled else None
         self.kv_caches = self._allocate_kv_cache()
+
+    def _compile(self, model_path: Path) -> CompiledModel:
+        state = get_parallel_state()
+        key_fields = {
+            "model": model_signature(model_path),
+            "dtype": self.cfg.dtype,
+            "shard": [state.rank, state.world_size, state.expert_parallel],
+            "paddle": paddle.__version__,
+            "source": source_signature(self.module, layers, parallel, compiled),
+        }
+        cache = CompileCache(self.cfg.compile_cache_dir, key_fields)
+        try:
+            return CompiledModel(self.model, cache, self.threads, self.cfg.dtype)
+        finally:
+            cache.close()
 
     def _num_kv_blocks(self) -> int:
         if self.cfg.num_kv_blocks is None:
@@ -105,7 +129,7 @@ class ModelRunner:
     def run(self, steps: list[StepInput]) -> paddle.Tensor:
         input_ids, positions, batch = self._prepare(steps)
         with no_strided_views():
-            return self.model(input_ids, positions, self.kv_caches, batch)
+            return (self.compiled or self.model)(input_ids, positions, self.kv_caches, batch)
 
     def _prepare(self, steps: list[StepInput]):
         """Token ids, positions and cache addressing of the step's new tokens: sequences with one new

@@ -104,14 +104,14 @@ class Ernie4_5Attention(nn.Layer):
         self.rotary = rotary
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, c.head_dim, heads.kv_head_index)
 
-    def forward(self, rope, hidden, kv_cache, batch: AttentionBatch) -> paddle.Tensor:
+    def project(self, rope, hidden) -> tuple[paddle.Tensor, paddle.Tensor, paddle.Tensor]:
+        """Queries [tokens, heads, d] and keys, values [tokens, kv_heads, d], rotated."""
         q, k, v = paddle.split(self.qkv_proj(hidden), self.qkv_proj.out_sizes, axis=-1)
         head_dim = self.attn.head_dim
         q = q.reshape([-1, self.num_heads, head_dim])
         k = k.reshape([-1, self.num_kv_heads, head_dim])
         q, k = self.rotary(rope, q, k)
-        out = self.attn(q, k, v.reshape([-1, self.num_kv_heads, head_dim]), *kv_cache, batch)
-        return self.o_proj(out)
+        return q, k, v.reshape([-1, self.num_kv_heads, head_dim])
 
 
 class Ernie4_5MLP(nn.Layer):
@@ -138,9 +138,33 @@ class Ernie4_5DecoderLayer(nn.Layer):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = mlp
 
+    # A layer in four parts, so that a compiled step (fdkit/engine/compiled.py) can run the dense ones
+    # as programs and attention, which reads and writes the paged KV cache, between them.
+    def attention_input(self, rope, hidden):
+        return self.self_attn.project(rope, self.input_layernorm(hidden))
+
+    def attention(self, q, k, v, kv_cache, batch: AttentionBatch) -> paddle.Tensor:
+        return self.self_attn.attn(q, k, v, *kv_cache, batch)
+
+    def attention_output(self, attn: paddle.Tensor) -> paddle.Tensor:
+        return self.self_attn.o_proj(attn)
+
+    def feed_forward(self, hidden: paddle.Tensor) -> paddle.Tensor:
+        return self.mlp(self.post_attention_layernorm(hidden))
+
+    @property
+    def is_feed_forward_compilable(self) -> bool:
+        return getattr(self.mlp, "is_compilable", True)
+
+    def dense_parts(self) -> list[nn.Layer]:
+        """The sublayers a compiled step runs as programs: all but an MLP that cannot compile."""
+        parts = [self.input_layernorm, self.self_attn, self.post_attention_layernorm]
+        return parts + [self.mlp] if self.is_feed_forward_compilable else parts
+
     def forward(self, rope, hidden, kv_cache, batch: AttentionBatch) -> paddle.Tensor:
-        hidden = hidden + self.self_attn(rope, self.input_layernorm(hidden), kv_cache, batch)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        attn = self.attention(*self.attention_input(rope, hidden), kv_cache, batch)
+        hidden = hidden + self.attention_output(attn)
+        return hidden + self.feed_forward(hidden)
 
 
 class Ernie4_5ForCausalLM(nn.Layer):
@@ -175,12 +199,20 @@ class Ernie4_5ForCausalLM(nn.Layer):
 
     def forward(self, input_ids, positions, kv_caches, batch: AttentionBatch) -> paddle.Tensor:
         """Logits [num_seqs, vocab] at each sequence's last new token."""
-        hidden = self.embed_tokens(input_ids)
-        rope = self.rotary.lookup(positions)
+        hidden, rope = self.embed(input_ids, positions)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden = layer(rope, hidden, kv_cache, batch)
-        hidden = paddle.gather(hidden, batch.last_token_index)
+        return self.logits(paddle.gather(hidden, batch.last_token_index))
+
+    def embed(self, input_ids, positions) -> tuple[paddle.Tensor, tuple[paddle.Tensor, paddle.Tensor]]:
+        """The tokens' embeddings, and the rotary cos and sin [tokens, 1, head_dim] of their positions."""
+        return self.embed_tokens(input_ids), self.rotary.lookup(positions)
+
+    def logits(self, hidden: paddle.Tensor) -> paddle.Tensor:
         return self.lm_head(self.norm(hidden))
+
+    def logits_parts(self) -> list[nn.Layer]:
+        return [self.norm, self.lm_head]
 
     def weight_specs(self) -> dict[str, tuple[object, list[tuple[int, ...]]]]:
         """Each weight to load (see `weight_shapes`): the layer whose `load` takes its parts, their shapes."""

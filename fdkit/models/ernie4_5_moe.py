@@ -95,6 +95,8 @@ class Ernie4_5_MoeStatics(nn.Layer):
 class Ernie4_5_MoeBlock(nn.Layer):
     """The MLP of a MoE layer: each token's top-k routed experts, weighted, plus the shared expert."""
 
+    is_compilable = False  # routing picks experts on the host (numpy): a compiled step runs it in dygraph
+
     def __init__(self, config: Ernie4_5_MoeConfig):
         super().__init__()
         c = config

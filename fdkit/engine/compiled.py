@@ -1,0 +1,187 @@
+"""The compiled step (`engine.compile`): the model's dense parts (norms, projections, MLP, RoPE, LM head)
+run as Paddle Inference programs through oneDNN, and attention, which reads and writes the paged KV
+cache, runs in dygraph between them. The cache never enters a program: a program fed a cache pays for
+the whole cache on every run (../shared/peers/paged_kv_in_predictor.py).
+
+One rank (tp=1) with dense layers: one program between two attentions (layer i's output projection,
+residuals and MLP, then layer i+1's norm, QKV projection and RoPE), L + 1 programs a step. Otherwise
+(tp > 1, or an MLP that cannot compile, as a MoE block) each layer's parts are separate programs with
+the all-reduces between them. Programs take any number of tokens (oneDNN keeps a primitive per shape).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import paddle
+from paddle import inference, nn
+
+from fdkit.engine.compile_cache import CompileCache
+from fdkit.parallel import (
+    all_gather_last_axis,
+    all_reduce,
+    deferred_collectives,
+    get_parallel_state,
+    to_bfloat16,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class Program(nn.Layer):
+    """`fn(*inputs)` over the model's sublayers `parts`, as one traced program."""
+
+    def __init__(self, fn: Callable, parts: list[nn.Layer]):
+        super().__init__()
+        self.parts = nn.LayerList(parts)
+        self.fn = fn
+
+    def forward(self, x0, x1=None, x2=None, x3=None):  # tracing needs named inputs, at most 4
+        if x3 is not None:
+            return self.fn(x0, x1, x2, x3)
+        if x2 is not None:
+            return self.fn(x0, x1, x2)
+        return self.fn(x0) if x1 is None else self.fn(x0, x1)
+
+
+class CompiledModel:
+    def __init__(self, model: nn.Layer, cache: CompileCache, threads: int, dtype: str):
+        self.model, self.cache, self.threads, self.dtype = model, cache, threads, dtype
+        self.layers = list(model.layers)
+        self.vocab_size = model.config.vocab_size
+        self.is_fused = get_parallel_state().world_size == 1 and all(
+            layer.is_feed_forward_compilable for layer in self.layers
+        )
+        start = time.perf_counter()
+        self.predictors = self._build(self._fused_programs() if self.is_fused else self._split_programs())
+        logger.info(
+            "compiled step: %d programs (%s) in %.1f s, cache %s",
+            len(self.predictors), "fused" if self.is_fused else "split", time.perf_counter() - start,
+            "hit" if self.cache.was_hit else "written",
+        )
+
+    def __call__(self, input_ids, positions, kv_caches, batch) -> paddle.Tensor:
+        hidden, (cos, sin) = self.model.embed(input_ids, positions)
+        run = self._run_fused if self.is_fused else self._run_split
+        return run(hidden, cos, sin, kv_caches, batch)
+
+    def _run_fused(self, hidden, cos, sin, kv_caches, batch) -> paddle.Tensor:
+        q, k, v = self.run("begin", hidden, cos, sin)
+        for i, layer in enumerate(self.layers):
+            attn = layer.attention(q, k, v, kv_caches[i], batch)
+            if i + 1 < len(self.layers):
+                hidden, q, k, v = self.run(f"into{i + 1}", hidden, attn, cos, sin)
+        last = batch.last_token_index  # the last layer's MLP runs only where logits are needed
+        (logits,) = self.run("last", paddle.gather(hidden, last), paddle.gather(attn, last))
+        return logits
+
+    def _run_split(self, hidden, cos, sin, kv_caches, batch) -> paddle.Tensor:
+        for i, layer in enumerate(self.layers):
+            q, k, v = self.run(f"in{i}", hidden, cos, sin)
+            attn = layer.attention(q, k, v, kv_caches[i], batch)
+            hidden = hidden + all_reduce(self.run(f"out{i}", attn)[0])
+            if f"ffn{i}" in self.predictors:
+                hidden = hidden + all_reduce(self.run(f"ffn{i}", hidden)[0])
+            else:  # runs (and all-reduces) in dygraph
+                hidden = hidden + layer.feed_forward(hidden)
+        (logits,) = self.run("head", paddle.gather(hidden, batch.last_token_index))
+        return all_gather_last_axis(logits)[:, : self.vocab_size]
+
+    def run(self, name: str, *inputs: paddle.Tensor) -> list[paddle.Tensor]:
+        return self.predictors[name].run(list(inputs))
+
+    # The programs: name -> (function, sublayers it reads, example inputs).
+    def _fused_programs(self) -> dict:
+        hidden, attn, cos, sin = self._examples()
+        first, last = self.layers[0], self.layers[-1]
+        programs = {"begin": (_begin(first), first.dense_parts(), [hidden, cos, sin])}
+        for prev, layer, i in zip(self.layers, self.layers[1:], range(1, len(self.layers))):
+            parts = prev.dense_parts() + layer.dense_parts()
+            programs[f"into{i}"] = (_into(prev, layer), parts, [hidden, attn, cos, sin])
+        parts = last.dense_parts() + self.model.logits_parts()
+        programs["last"] = (_last(last, self.model.logits), parts, [hidden, attn])
+        return programs
+
+    def _split_programs(self) -> dict:
+        hidden, attn, cos, sin = self._examples()
+        programs = {"head": (_single(self.model.logits), self.model.logits_parts(), [hidden])}
+        for i, layer in enumerate(self.layers):
+            parts = layer.dense_parts()
+            programs[f"in{i}"] = (_begin(layer), parts, [hidden, cos, sin])
+            programs[f"out{i}"] = (_single(layer.attention_output), parts, [attn])
+            if layer.is_feed_forward_compilable:
+                programs[f"ffn{i}"] = (_single(layer.feed_forward), parts, [hidden])
+        return programs
+
+    def _examples(self) -> list[paddle.Tensor]:
+        """One token's hidden state, attention output, cos and sin: the programs' input shapes."""
+        hidden, (cos, sin) = self.model.embed(paddle.zeros([1], "int64"), paddle.zeros([1], "int64"))
+        q, _, _ = self.layers[0].attention_input((cos, sin), hidden)
+        return [hidden, q.reshape([1, -1]), cos, sin]
+
+    def _build(self, programs: dict) -> dict[str, inference.Predictor]:
+        specs = {
+            name: [paddle.static.InputSpec([None, *t.shape[1:]], t.dtype, f"x{j}") for j, t in enumerate(ex)]
+            for name, (_, _, ex) in programs.items()
+        }
+        if not self.cache.is_complete(programs):
+            if self.dtype == "bfloat16":
+                for _, parts, _ in programs.values():
+                    for part in parts:
+                        to_bfloat16(part)
+            with deferred_collectives():
+                for name, (fn, parts, _) in programs.items():
+                    self.cache.save(name, Program(fn, parts), specs[name])
+            self.cache.commit()
+        predictors = {name: self._predictor(name) for name in programs}
+        for _, parts, _ in programs.values():  # the programs hold their own copies now
+            for part in parts:
+                for param in part.parameters():
+                    param._clear_data()
+        return predictors
+
+    def _predictor(self, name: str) -> inference.Predictor:
+        model_file, params_file = self.cache.files(name)
+        config = inference.Config(str(model_file), str(params_file))
+        config.disable_gpu()
+        config.set_cpu_math_library_num_threads(self.threads)
+        config.enable_mkldnn()
+        config.disable_glog_info()
+        return inference.create_predictor(config)
+
+
+def _begin(layer):
+    def begin(hidden, cos, sin):
+        return layer.attention_input((cos, sin), hidden)
+
+    return begin
+
+
+def _finish(layer, hidden, attn):
+    hidden = hidden + layer.attention_output(attn)
+    return hidden + layer.feed_forward(hidden)
+
+
+def _into(prev, layer):
+    def into(hidden, attn, cos, sin):
+        hidden = _finish(prev, hidden, attn)
+        q, k, v = layer.attention_input((cos, sin), hidden)
+        return hidden, q, k, v
+
+    return into
+
+
+def _last(layer, logits):
+    def last(hidden, attn):
+        return logits(_finish(layer, hidden, attn))
+
+    return last
+
+
+def _single(fn):
+    def single(x):
+        return fn(x)
+
+    return single
