@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from unittest import mock
 from helpers import TEST_ENGINE
 
 from fdkit import LLM, load_config
@@ -69,7 +70,8 @@ def test_21b_in_float32_is_refused_with_what_would_fit(tmp_path):
     )
     assert message.endswith("6.1 GB each at tp=8")  # 20 heads need not split evenly
     assert "\n" not in message
-    with pytest.raises(PlanError, match=r"needs 44\.2 GB of weights in bfloat16"):
+    # bfloat16 on CPU is compiled from weights loaded in float32: the plan counts them in float32
+    with pytest.raises(PlanError, match=r"needs 88\.4 GB of weights in float32"):
         plan(folder, "engine.dtype=bfloat16")
     with pytest.raises(PlanError, match=r"runtime over 8 ranks\) but this host has 22\.1 GB"):
         plan(folder, "tp=8")
@@ -96,7 +98,9 @@ def test_llm_refuses_before_looking_for_weights(tmp_path):
 def test_weights_are_counted_as_the_model_holds_them(llm):
     held = sum(int(p.size) for p in llm.engine.runner.model.parameters())
     assert llm.memory_plan.model.num_parameters == held  # a tied LM head keeps its own copy
-    assert llm.memory_plan.weight_bytes == 4 * held
+    # the compiled float32 step keeps the dygraph weights for one-row steps (fdkit/engine/compiled.py)
+    assert llm.memory_plan.num_weight_copies == 2
+    assert llm.memory_plan.weight_bytes == 2 * 4 * held
     assert llm.engine.block_manager.num_blocks == TEST_ENGINE["num_kv_blocks"]  # tests' small engines
 
 
@@ -129,8 +133,16 @@ def test_kv_cache_too_small_for_max_model_len(tmp_path):
 
 def test_dtype_and_batch_limits_the_machine_cannot_run(tmp_path):
     folder = config_only(tmp_path, "m", model_config(PRESETS["tiny"], "paddle"))
-    with pytest.raises(PlanError, match="bfloat16 cannot run on CPU: paddle 3.3.1 has no CPU matmul kernel"):
-        plan(folder, "engine.dtype=bfloat16")
+    with pytest.raises(PlanError, match="float16 cannot run on CPU: paddle 3.3.1 has no CPU kernels"):
+        plan(folder, "engine.dtype=float16")
+    with pytest.raises(PlanError, match=r"bfloat16 on CPU needs the compiled step \(engine.compile=true\)"):
+        plan(folder, "engine.dtype=bfloat16", "engine.compile=false")
+    with mock.patch("fdkit.engine.memory.cpu_has_bfloat16", return_value=False):
+        with pytest.raises(PlanError, match="bfloat16 on CPU needs a CPU with avx512_bf16 or AMX"):
+            plan(folder, "engine.dtype=bfloat16")
+    assert (
+        plan(folder, "engine.dtype=bfloat16", "engine.compile=false", "engine.device=gpu").dtype == "bfloat16"
+    )
     # prompts are prefilled in chunks: a step's token budget may be below max_model_len
     assert (
         plan(folder, "engine.max_num_batched_tokens=256", "engine.max_model_len=4096").max_model_len == 4096

@@ -58,6 +58,9 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--guided", choices=["none", "json_schema"], default="none", help="hold outputs to GUIDED_SCHEMA"
     )
+    parser.add_argument(
+        "overrides", nargs="*", help="config overrides, e.g. engine.dtype=bfloat16 engine.compile=false"
+    )
     parser.set_defaults(run=run)
 
 
@@ -177,6 +180,7 @@ def run(args) -> None:
             f"model.path={args.model}",
             f"tp={args.tp}",
             *[f"engine.{k}={v}" for k, v in engine.items()],
+            *args.overrides,
         ]
     )
     vocab = min(llm.tokenizer.vocab_size, llm.vocab_size)
@@ -186,6 +190,7 @@ def run(args) -> None:
         result = {
             "engine": "fdkit",
             "tp": args.tp,
+            "overrides": args.overrides,
             "expert_parallel": args.expert_parallel,
             "concurrency": concurrency,
             "input_len": args.input_len,

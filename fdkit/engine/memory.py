@@ -53,6 +53,7 @@ class ModelFootprint:
     num_kv_heads: int
     head_dim: int
     max_position: int
+    is_dense: bool = True  # no MoE layers
 
     @classmethod
     def of(cls, raw_config: dict, name: str) -> ModelFootprint:
@@ -63,7 +64,8 @@ class ModelFootprint:
             weights = {**weights, "lm_head": weights["embed_tokens"]}
         shapes = [tuple(shape) for parts in weights.values() for shape in parts]
         dims = (c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim)
-        return cls(name, shapes, *dims, max_position=c.max_position_embeddings)
+        is_dense = not raw_config.get("moe_num_experts")
+        return cls(name, shapes, *dims, max_position=c.max_position_embeddings, is_dense=is_dense)
 
     @property
     def num_parameters(self) -> int:
@@ -98,6 +100,7 @@ class MemoryPlan:
     max_model_len: int
     available_bytes: int  # the host's available RAM (cpu) or one device's memory (gpu)
     num_kv_blocks: int = 0
+    num_weight_copies: int = 1  # a compiled float32 step keeps the dygraph weights too (one-row steps)
 
     @property
     def num_sharing(self) -> int:
@@ -106,7 +109,7 @@ class MemoryPlan:
 
     @property
     def weight_bytes(self) -> int:
-        return self.model.weight_bytes(self.tp, self.dtype)
+        return self.num_weight_copies * self.model.weight_bytes(self.tp, self.dtype)
 
     @property
     def block_bytes(self) -> int:
@@ -123,7 +126,8 @@ class MemoryPlan:
 
     def needed_bytes(self, num_blocks: int) -> int:
         rank = self.model.rank_bytes(self.tp, self.dtype, self.block_size, num_blocks, self.device)
-        return self.num_sharing * rank
+        extra = (self.num_weight_copies - 1) * self.model.weight_bytes(self.tp, self.dtype)
+        return self.num_sharing * (rank + extra)
 
     def auto_kv_blocks(self, utilization: float, max_num_seqs: int) -> int:
         """`utilization` of what weights and runtime leave, at most what max_num_seqs sequences use."""
@@ -219,6 +223,7 @@ def plan_memory(config, model_path: str | Path, available_bytes: int | None = No
         block_size=engine.block_size,
         max_model_len=engine.max_model_len or model.max_position,
         available_bytes=available_memory(engine.device) if available_bytes is None else available_bytes,
+        num_weight_copies=2 if is_compiled(engine) and engine.dtype == "float32" and model.is_dense else 1,
     )
     requested = _requested_blocks(plan, engine)
     is_model_len = engine.max_model_len is None  # the model's, lowered to what the KV cache holds
@@ -287,7 +292,7 @@ def _advice(plan: MemoryPlan, num_blocks: int) -> str:
     host = model.rank_bytes(1, "float32", plan.block_size, num_blocks, "cpu")
     return (
         f"on a host with {gb(host)} available in float32 at tp=1 (on CPU the ranks share the host's RAM, "
-        f"so a larger tp does not help, and paddle runs only float32), or {on_gpus('bfloat16')}"
+        f"so a larger tp does not help, and weights load in float32), or {on_gpus('bfloat16')}"
     )
 
 

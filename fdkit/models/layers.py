@@ -17,12 +17,13 @@ from fdkit.parallel import assign, held_experts
 class RMSNorm(nn.Layer):
     def __init__(self, hidden_size: int, eps: float):
         super().__init__()
-        self.eps = eps
+        # sum x 1/n, not mean: oneDNN's mean in a compiled program prints a debug line to stdout
+        self.eps, self.inv_size = eps, 1.0 / hidden_size
         self.weight = self.create_parameter([hidden_size], default_initializer=nn.initializer.Constant(1.0))
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         h = x if x.dtype == paddle.float32 else x.astype("float32")
-        h = h * paddle.rsqrt((h * h).mean(axis=-1, keepdim=True) + self.eps)  # x * x: pow() is slow on CPU
+        h = h * paddle.rsqrt((h * h).sum(axis=-1, keepdim=True) * self.inv_size + self.eps)  # pow() is slow
         return (h if x.dtype == paddle.float32 else h.astype(x.dtype)) * self.weight
 
     def load(self, parts: list[np.ndarray], name: str) -> None:
