@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from unittest import mock
 
 import pytest
-from unittest import mock
 from helpers import TEST_ENGINE
 
 from fdkit import LLM, load_config
@@ -137,9 +137,9 @@ def test_dtype_and_batch_limits_the_machine_cannot_run(tmp_path):
         plan(folder, "engine.dtype=float16")
     with pytest.raises(PlanError, match=r"bfloat16 on CPU needs the compiled step \(engine.compile=true\)"):
         plan(folder, "engine.dtype=bfloat16", "engine.compile=false")
-    with mock.patch("fdkit.engine.memory.cpu_has_bfloat16", return_value=False):
-        with pytest.raises(PlanError, match="bfloat16 on CPU needs a CPU with avx512_bf16 or AMX"):
-            plan(folder, "engine.dtype=bfloat16")
+    no_bf16 = mock.patch("fdkit.engine.memory.cpu_has_bfloat16", return_value=False)
+    with no_bf16, pytest.raises(PlanError, match="bfloat16 on CPU needs a CPU with avx512_bf16 or AMX"):
+        plan(folder, "engine.dtype=bfloat16")
     assert (
         plan(folder, "engine.dtype=bfloat16", "engine.compile=false", "engine.device=gpu").dtype == "bfloat16"
     )

@@ -106,7 +106,7 @@ class CompiledModel:
         hidden, attn, cos, sin = self._examples()
         first, last = self.layers[0], self.layers[-1]
         programs = {"begin": (_begin(first), first.dense_parts(), [hidden, cos, sin])}
-        for prev, layer, i in zip(self.layers, self.layers[1:], range(1, len(self.layers))):
+        for i, (prev, layer) in enumerate(zip(self.layers, self.layers[1:], strict=False), start=1):
             parts = prev.dense_parts() + layer.dense_parts()
             programs[f"into{i}"] = (_into(prev, layer), parts, [hidden, attn, cos, sin])
         parts = last.dense_parts() + self.model.logits_parts()

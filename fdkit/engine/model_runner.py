@@ -18,8 +18,7 @@ from fdkit.engine.compile_cache import CompileCache, model_signature, source_sig
 from fdkit.engine.compiled import CompiledModel
 from fdkit.engine.memory import DTYPE_BYTES, dygraph_dtype, is_compiled
 from fdkit.engine.sequence import Sequence
-from fdkit.models import model_module
-from fdkit.models import layers
+from fdkit.models import layers, model_module
 from fdkit.models.layers import AttentionBatch, AttentionGroup
 from fdkit.models.loader import load_weights
 from fdkit.parallel import get_parallel_state, set_expert_parallel
