@@ -113,6 +113,9 @@ class Ernie4_5Attention(nn.Layer):
         q, k = self.rotary(rope, q, k)
         return q, k, v.reshape([-1, self.num_kv_heads, head_dim])
 
+    def forward(self, rope, hidden, kv_cache, batch: AttentionBatch) -> paddle.Tensor:
+        return self.o_proj(self.attn(*self.project(rope, hidden), *kv_cache, batch))
+
 
 class Ernie4_5MLP(nn.Layer):
     """SwiGLU. `is_split` / `is_reduced`: see RowParallelLinear (a routed expert's output is summed with
@@ -157,9 +160,10 @@ class Ernie4_5DecoderLayer(nn.Layer):
         return getattr(self.mlp, "is_compilable", True)
 
     def dense_parts(self) -> list[nn.Layer]:
-        """The sublayers a compiled step runs as programs: all but an MLP that cannot compile."""
-        parts = [self.input_layernorm, self.self_attn, self.post_attention_layernorm]
-        return parts + [self.mlp] if self.is_feed_forward_compilable else parts
+        """The sublayers a compiled step runs as programs: all but a feed-forward that cannot compile."""
+        if self.is_feed_forward_compilable:
+            return [self.input_layernorm, self.self_attn, self.post_attention_layernorm, self.mlp]
+        return [self.input_layernorm, self.self_attn]
 
     def forward(self, rope, hidden, kv_cache, batch: AttentionBatch) -> paddle.Tensor:
         attn = self.attention(*self.attention_input(rope, hidden), kv_cache, batch)
