@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+from helpers import TEST_COMPILE_CACHE
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,6 +72,7 @@ def launch_config(log_path: Path, *overrides: str, env: dict | None = None) -> S
         "server.host=127.0.0.1",
         "engine.max_model_len=512",
         "engine.show_progress=false",
+        f"engine.compile_cache_dir={TEST_COMPILE_CACHE}",
         *overrides,
     ]
     return Server(command, port, log_path, env).wait_healthy()

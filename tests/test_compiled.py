@@ -9,7 +9,8 @@ import pytest
 from helpers import TEST_ENGINE
 
 from fdkit import LLM, SamplingParams
-from fdkit.engine.memory import cpu_has_bfloat16
+from fdkit.engine.compiled import bucket
+from fdkit.engine.memory import PlanError, cpu_has_bfloat16
 from fdkit.engine.sequence import Sequence
 
 PROMPTS = ["The model answers 1234+5678 and 你好世界。", "hello there " * 30, "x", "计算 37 加 91"]
@@ -111,3 +112,54 @@ def test_programs_are_cached_on_disk(tiny_pt, tmp_path, caplog):
         assert warm.generate(["x"], GREEDY, use_tqdm=False)[0].token_ids
     assert "cache hit" in caplog.text
     assert len([p for p in tmp_path.iterdir()]) == 1  # nothing left half-written
+
+
+def test_buckets_bound_the_shapes():
+    assert [bucket(n) for n in (1, 2, 3, 5, 9, 16, 17, 33, 128, 129, 2047, 2048)] == [
+        1,
+        2,
+        4,
+        8,
+        16,
+        16,
+        32,
+        48,
+        128,
+        256,
+        2048,
+        2048,
+    ]
+    assert len({bucket(n) for n in range(1, 2049)}) == 27
+    assert all(n <= bucket(n) < n + 128 for n in range(1, 4097))
+
+
+def test_incomplete_or_corrupt_cache_is_compiled_again(tiny_pt, tmp_path, dygraph, caplog):
+    expected = [o.token_ids for o in dygraph.generate(PROMPTS, GREEDY, use_tqdm=False)]
+    with engine(tiny_pt, tmp_path):
+        pass
+    (key_dir,) = list(tmp_path.iterdir())
+    (key_dir / "into1.pdiparams").unlink()  # a program without its weights would load and serve zeros
+    with engine(tiny_pt, tmp_path) as llm:
+        assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)] == expected
+    params = key_dir / "last.pdiparams"
+    params.write_bytes(params.read_bytes()[: params.stat().st_size // 2])  # a short write (disk full)
+    caplog.set_level("WARNING", logger="fdkit.engine.compile_cache")
+    with engine(tiny_pt, tmp_path) as llm:
+        assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)] == expected
+    assert "does not load" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == [key_dir.name]  # no staging left behind
+
+
+def test_unwritable_cache_dir_compiles_in_a_temporary_one(tiny_pt, tmp_path, dygraph, caplog):
+    caplog.set_level("WARNING", logger="fdkit.engine.compile_cache")
+    blocked = tmp_path / "a_file"
+    blocked.write_text("not a directory")
+    with engine(tiny_pt, blocked / "cache") as llm:
+        out = llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False)[0].token_ids
+    assert out == dygraph.generate(PROMPTS[:1], GREEDY, use_tqdm=False)[0].token_ids
+    assert "is not writable" in caplog.text
+
+
+def test_bfloat16_is_refused_without_the_compiled_step(tiny_pt, tmp_path):
+    with pytest.raises(PlanError, match="needs the compiled step"):
+        engine(tiny_pt, tmp_path, dtype="bfloat16", compile=False)

@@ -1,50 +1,82 @@
 """Compiled programs on disk, so that a restart skips tracing: `{root}/{key}/{program}.json` and
-`.pdiparams`, the key a hash of all the programs depend on (model files, dtype, the rank's shard, paddle
-and the source of the code that traces them). A directory appears whole or not at all (written aside,
-then renamed), so engines starting together never read a half-written one. root None: a temporary
-directory, removed once the programs are loaded."""
+`.pdiparams`, the key a hash of all the programs depend on (the checkpoint's files, dtype, the rank's
+shard, paddle, and fdkit's source). Programs are written to a staging directory, loaded from it (which
+proves them whole: a short write does not load), then renamed into place, so engines starting together
+never read a half-written directory. A cached directory that is incomplete or does not load is removed
+and compiled again. An unwritable root, or root None, compiles into a temporary directory that is
+removed once the programs are loaded: the engine never writes files but these.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import shutil
 import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import paddle
+
+import fdkit
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_BYTES = 1 << 16  # bytes read at each of a few offsets of every checkpoint file
 
 
 class CompileCache:
     def __init__(self, root: str | Path | None, key_fields: dict):
         self.key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:24]
-        self.temporary = None if root else tempfile.TemporaryDirectory(prefix="fdkit-compiled-")
-        self.root = Path(root).expanduser() if root else Path(self.temporary.name)
+        self.temporary = None
+        self.root = _writable(Path(root).expanduser()) if root else None
+        if self.root is None:
+            self.temporary = tempfile.TemporaryDirectory(prefix="fdkit-compiled-")
+            self.root = Path(self.temporary.name)
         self.dir = self.root / self.key
-        self.staging: Path | None = None
         self.was_hit = False
 
-    def is_complete(self, names) -> bool:
-        """Whether every program is on disk; if not, the next saves go to a staging directory."""
-        self.was_hit = all(all(path.is_file() for path in self.files(name)) for name in names)
-        if not self.was_hit:
-            self.root.mkdir(parents=True, exist_ok=True)
-            self.staging = Path(tempfile.mkdtemp(prefix=f".{self.key}-", dir=self.root))
-        return self.was_hit
-
-    def save(self, name: str, layer: paddle.nn.Layer, input_spec: list) -> None:
-        static = paddle.jit.to_static(layer, full_graph=True)
-        paddle.jit.save(static, str(self.staging / name), input_spec=input_spec)
-
-    def commit(self) -> None:
+    def load(self, names: Iterable[str], make: Callable[[Path, Path], object]) -> dict | None:
+        """`make(model_file, params_file)` of each program from the cache; None if any is missing or fails
+        to load (the directory is then removed)."""
+        names = list(names)
+        if not all(_is_whole(*self.files(self.dir, name)) for name in names):
+            return None
         try:
-            self.staging.rename(self.dir)
-        except OSError:  # another engine committed the same programs first
-            shutil.rmtree(self.staging, ignore_errors=True)
-        self.staging = None
+            loaded = {name: make(*self.files(self.dir, name)) for name in names}
+        except Exception as exc:  # a corrupt file: compile again
+            logger.warning("compile cache %s does not load (%s): compiling again", self.dir, exc)
+            shutil.rmtree(self.dir, ignore_errors=True)
+            return None
+        self.was_hit = True
+        return loaded
 
-    def files(self, name: str) -> tuple[Path, Path]:
-        return self.dir / f"{name}.json", self.dir / f"{name}.pdiparams"
+    @contextmanager
+    def staging(self) -> Iterator[Path]:
+        """A directory to save programs in; committed if the block ends normally, else removed."""
+        folder = Path(tempfile.mkdtemp(prefix=f".{self.key}-", dir=self.root))
+        try:
+            yield folder
+            self._commit(folder)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _commit(self, folder: Path) -> None:
+        if self.dir.exists() and not self._is_complete(folder):
+            shutil.rmtree(self.dir, ignore_errors=True)  # incomplete: replaced
+        with contextlib.suppress(OSError):  # another engine committed the same programs first
+            folder.rename(self.dir)
+
+    def _is_complete(self, folder: Path) -> bool:
+        """Whether the committed directory has every program `folder` has."""
+        return all((self.dir / path.name).is_file() for path in folder.iterdir())
+
+    @staticmethod
+    def files(folder: Path, name: str) -> tuple[Path, Path]:
+        return folder / f"{name}.json", folder / f"{name}.pdiparams"
 
     def close(self) -> None:
         """Removes a temporary cache (loaded predictors keep what they read)."""
@@ -52,16 +84,44 @@ class CompileCache:
             self.temporary.cleanup()
 
 
+def save_program(folder: Path, name: str, layer: paddle.nn.Layer, input_spec: list) -> None:
+    static = paddle.jit.to_static(layer, full_graph=True)
+    paddle.jit.save(static, str(folder / name), input_spec=input_spec)
+
+
+def _writable(root: Path) -> Path | None:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=root).close()
+    except OSError as exc:
+        logger.warning("engine.compile_cache_dir %s is not writable (%s): programs are not kept", root, exc)
+        return None
+    return root
+
+
+def _is_whole(*paths: Path) -> bool:
+    return all(path.is_file() and path.stat().st_size > 0 for path in paths)
+
+
 def model_signature(model_path: str | Path) -> list:
-    """What identifies a checkpoint folder's contents without reading the weights: each file's name,
-    size and modification time."""
-    files = sorted(p for p in Path(model_path).iterdir() if p.is_file())
-    return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    """What identifies a checkpoint folder's contents without reading all of it: each file's name, size,
+    modification time and a hash of a few blocks spread over it (fine-tunes of one model have the same
+    sizes; copies may keep the times)."""
+    return [_file_signature(p) for p in sorted(Path(model_path).iterdir()) if p.is_file()]
 
 
-def source_signature(*modules) -> str:
-    """A hash of the source of the modules that trace the programs: changed code, new programs."""
-    digest = hashlib.sha256()
-    for module in modules:
-        digest.update(Path(module.__file__).read_bytes())
+def _file_signature(path: Path) -> tuple:
+    size, digest = path.stat().st_size, hashlib.sha256()
+    with path.open("rb") as f:
+        for offset in sorted({0, size // 3, 2 * size // 3, max(0, size - SAMPLE_BYTES)}):
+            f.seek(offset)
+            digest.update(f.read(SAMPLE_BYTES))
+    return path.name, size, path.stat().st_mtime_ns, digest.hexdigest()
+
+
+def source_signature() -> str:
+    """A hash of fdkit's source and paddle's build: changed code, new programs."""
+    digest = hashlib.sha256(paddle.version.commit.encode())
+    for path in sorted(Path(fdkit.__file__).parent.rglob("*.py")):
+        digest.update(path.read_bytes())
     return digest.hexdigest()

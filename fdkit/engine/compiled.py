@@ -14,11 +14,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import paddle
 from paddle import inference, nn
+from paddle.static import InputSpec
 
-from fdkit.engine.compile_cache import CompileCache
+from fdkit.engine.compile_cache import CompileCache, save_program
 from fdkit.parallel import (
     all_gather_last_axis,
     all_reduce,
@@ -70,33 +72,46 @@ class CompiledModel:
         )
 
     def __call__(self, input_ids, positions, kv_caches, batch) -> paddle.Tensor:
-        if input_ids.shape[0] < self.min_tokens:
+        num_tokens = input_ids.shape[0]
+        if num_tokens < self.min_tokens:
             return self.model(input_ids, positions, kv_caches, batch)
-        hidden, (cos, sin) = self.model.embed(input_ids, positions)
+        num_rows = bucket(num_tokens)  # padding rows: token 0 at position 0, never attended to
+        hidden, (cos, sin) = self.model.embed(pad_rows(input_ids, num_rows), pad_rows(positions, num_rows))
         run = self._run_fused if self.is_fused else self._run_split
-        return run(hidden, cos, sin, kv_caches, batch)
+        return run(hidden, cos, sin, kv_caches, batch, num_tokens)
 
-    def _run_fused(self, hidden, cos, sin, kv_caches, batch) -> paddle.Tensor:
+    def _run_fused(self, hidden, cos, sin, kv_caches, batch, num_tokens) -> paddle.Tensor:
         q, k, v = self.run("begin", hidden, cos, sin)
         for i, layer in enumerate(self.layers):
-            attn = layer.attention(q, k, v, kv_caches[i], batch)
+            attn = self._attend(layer, q, k, v, kv_caches[i], batch, num_tokens)
             if i + 1 < len(self.layers):
                 hidden, q, k, v = self.run(f"into{i + 1}", hidden, attn, cos, sin)
         last = batch.last_token_index  # the last layer's MLP runs only where logits are needed
-        (logits,) = self.run("last", paddle.gather(hidden, last), paddle.gather(attn, last))
-        return logits
+        num_seqs, num_rows = last.shape[0], bucket(last.shape[0])
+        rows = [pad_rows(paddle.gather(t, last), num_rows) for t in (hidden, attn)]
+        return self.run("last", *rows)[0][:num_seqs]
 
-    def _run_split(self, hidden, cos, sin, kv_caches, batch) -> paddle.Tensor:
+    def _run_split(self, hidden, cos, sin, kv_caches, batch, num_tokens) -> paddle.Tensor:
         for i, layer in enumerate(self.layers):
             q, k, v = self.run(f"in{i}", hidden, cos, sin)
-            attn = layer.attention(q, k, v, kv_caches[i], batch)
+            attn = self._attend(layer, q, k, v, kv_caches[i], batch, num_tokens)
             hidden = hidden + all_reduce(self.run(f"out{i}", attn)[0])
             if f"ffn{i}" in self.predictors:
                 hidden = hidden + all_reduce(self.run(f"ffn{i}", hidden)[0])
             else:  # runs (and all-reduces) in dygraph
                 hidden = hidden + layer.feed_forward(hidden)
-        (logits,) = self.run("head", paddle.gather(hidden, batch.last_token_index))
-        return all_gather_last_axis(logits)[:, : self.vocab_size]
+        last = batch.last_token_index
+        num_seqs = last.shape[0]
+        (logits,) = self.run("head", pad_rows(paddle.gather(hidden, last), bucket(num_seqs)))
+        return all_gather_last_axis(logits[:num_seqs])[:, : self.vocab_size]
+
+    @staticmethod
+    def _attend(layer, q, k, v, kv_cache, batch, num_tokens) -> paddle.Tensor:
+        """Attention over the step's real tokens; the output padded back to the programs' rows."""
+        num_rows = q.shape[0]
+        if num_rows > num_tokens:
+            q, k, v = q[:num_tokens], k[:num_tokens], v[:num_tokens]
+        return pad_rows(layer.attention(q, k, v, kv_cache, batch), num_rows)
 
     def run(self, name: str, *inputs: paddle.Tensor) -> list[paddle.Tensor]:
         return self.predictors[name].run(list(inputs))
@@ -131,35 +146,49 @@ class CompiledModel:
         return [hidden, q.reshape([1, -1]), cos, sin]
 
     def _build(self, programs: dict) -> dict[str, inference.Predictor]:
-        specs = {
-            name: [paddle.static.InputSpec([None, *t.shape[1:]], t.dtype, f"x{j}") for j, t in enumerate(ex)]
-            for name, (_, _, ex) in programs.items()
-        }
-        if not self.cache.is_complete(programs):
-            if self.dtype == "bfloat16":
-                for _, parts, _ in programs.values():
-                    for part in parts:
-                        to_bfloat16(part)
-            with deferred_collectives():
-                for name, (fn, parts, _) in programs.items():
-                    self.cache.save(name, Program(fn, parts), specs[name])
-            self.cache.commit()
-        predictors = {name: self._predictor(name) for name in programs}
+        predictors = self.cache.load(programs, self._predictor) or self._compile(programs)
         if self.min_tokens == 1:  # the programs hold their own copies; no dygraph step needs these
-            for _, parts, _ in programs.values():
-                for part in parts:
-                    for param in part.parameters():
-                        param._clear_data()
+            for param in {
+                id(p): p for _, parts, _ in programs.values() for x in parts for p in x.parameters()
+            }.values():
+                param._clear_data()
         return predictors
 
-    def _predictor(self, name: str) -> inference.Predictor:
-        model_file, params_file = self.cache.files(name)
+    def _compile(self, programs: dict) -> dict[str, inference.Predictor]:
+        """Traces and saves every program, and loads them (which proves them whole) before they are kept."""
+        if self.dtype == "bfloat16":
+            for _, parts, _ in programs.values():
+                for part in parts:
+                    to_bfloat16(part)
+        with self.cache.staging() as folder, deferred_collectives():
+            for name, (fn, parts, examples) in programs.items():
+                specs = [InputSpec([None, *t.shape[1:]], t.dtype, f"x{j}") for j, t in enumerate(examples)]
+                save_program(folder, name, Program(fn, parts), specs)
+            return {name: self._predictor(*self.cache.files(folder, name)) for name in programs}
+
+    def _predictor(self, model_file: Path, params_file: Path) -> inference.Predictor:
         config = inference.Config(str(model_file), str(params_file))
         config.disable_gpu()
         config.set_cpu_math_library_num_threads(self.threads)
         config.enable_mkldnn()
         config.disable_glog_info()
         return inference.create_predictor(config)
+
+
+def bucket(num_rows: int) -> int:
+    """The rows a program runs for `num_rows`: powers of 2 to 16, then multiples of 16 to 128, then of
+    128. oneDNN keeps primitives for each shape it sees; buckets bound them (27 up to 2048 tokens)."""
+    if num_rows <= 16:
+        return 1 << (num_rows - 1).bit_length()
+    step = 16 if num_rows <= 128 else 128
+    return -(-num_rows // step) * step
+
+
+def pad_rows(t: paddle.Tensor, num_rows: int) -> paddle.Tensor:
+    """`t` with zero rows appended up to `num_rows`."""
+    if t.shape[0] == num_rows:
+        return t
+    return paddle.concat([t, paddle.zeros([num_rows - t.shape[0], *t.shape[1:]], t.dtype)])
 
 
 def _begin(layer):

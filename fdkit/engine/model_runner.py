@@ -11,14 +11,12 @@ from pathlib import Path
 import numpy as np
 import paddle
 
-from fdkit import parallel
 from fdkit.checkpoint import read_config
-from fdkit.engine import compiled
 from fdkit.engine.compile_cache import CompileCache, model_signature, source_signature
 from fdkit.engine.compiled import CompiledModel
 from fdkit.engine.memory import DTYPE_BYTES, dygraph_dtype, is_compiled
 from fdkit.engine.sequence import Sequence
-from fdkit.models import layers, model_module
+from fdkit.models import model_module
 from fdkit.models.layers import AttentionBatch, AttentionGroup
 from fdkit.models.loader import load_weights
 from fdkit.parallel import get_parallel_state, set_expert_parallel
@@ -95,7 +93,7 @@ class ModelRunner:
             "dtype": self.cfg.dtype,
             "shard": [state.rank, state.world_size, state.expert_parallel],
             "paddle": paddle.__version__,
-            "source": source_signature(self.module, layers, parallel, compiled),
+            "source": source_signature(),
         }
         cache = CompileCache(self.cfg.compile_cache_dir, key_fields)
         try:
