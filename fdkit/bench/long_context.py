@@ -25,6 +25,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
     parser.add_argument("--max-decode-stall", type=float, default=None, help="0: off; default: the config's")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. engine.dtype=bfloat16")
     parser.set_defaults(run=run)
 
 
@@ -108,7 +109,12 @@ def run(args) -> None:
         **({"max_decode_stall": args.max_decode_stall} if args.max_decode_stall is not None else {}),
     }
     llm = LLM.from_config(
-        ["model=ernie", f"model.path={args.model}", *[f"engine.{k}={v}" for k, v in engine.items()]]
+        [
+            "model=ernie",
+            f"model.path={args.model}",
+            *[f"engine.{k}={v}" for k, v in engine.items()],
+            *args.overrides,
+        ]
     )
     vocab = min(llm.tokenizer.vocab_size, llm.vocab_size)
     rss_loaded = peak_rss_mib()
@@ -117,7 +123,8 @@ def run(args) -> None:
     plan = llm.memory_plan
     kv_mib = round(plan.num_kv_blocks * plan.block_bytes / 2**20)
     print(json.dumps({
-        "scenario": args.scenario, "input_len": args.input_len, **engine, **result,
+        "scenario": args.scenario, "input_len": args.input_len, "overrides": args.overrides, **engine,
+        **result,
         "peak_rss_mib": round(peak_rss_mib()), "peak_rss_loaded_mib": round(rss_loaded),
         "weights_mib": round(plan.weight_bytes / 2**20), "kv_cache_mib": kv_mib,
     }), flush=True)  # fmt: skip
