@@ -114,7 +114,10 @@ class CompiledModel:
         return pad_rows(layer.attention(q, k, v, kv_cache, batch), num_rows)
 
     def run(self, name: str, *inputs: paddle.Tensor) -> list[paddle.Tensor]:
-        return self.predictors[name].run(list(inputs))
+        outputs = self.predictors[name].run(list(inputs))
+        # a predictor's run leaves MKL on one thread: dygraph's matmuls after it (attention) ran 1.8x slower
+        paddle.base.core.set_num_threads(self.threads)
+        return outputs
 
     # The programs: name -> (function, sublayers it reads, example inputs).
     def _fused_programs(self) -> dict:
