@@ -73,6 +73,8 @@ def test_float32_logits_equal_dygraph(dygraph, compiled):
         np.testing.assert_allclose(
             last_logits(compiled, ids[:length]), last_logits(dygraph, ids[:length]), atol=1e-4, rtol=0
         )
+    long = (ids * 40)[:300]  # more rows than a program runs at once (MAX_PROGRAM_ROWS): run in slices
+    np.testing.assert_allclose(last_logits(compiled, long), last_logits(dygraph, long), atol=1e-4, rtol=0)
     batch = [ids, [7], ids[:3], compiled.tokenizer.encode(PROMPTS[1])]
     np.testing.assert_allclose(batch_logits(compiled, batch), batch_logits(dygraph, batch), atol=1e-4, rtol=0)
 
