@@ -21,10 +21,9 @@ from pathlib import Path
 
 import paddle
 
-import fdkit
-
 logger = logging.getLogger(__name__)
 
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # fdkit/
 SAMPLE_BYTES = 1 << 16  # bytes read at each of a few offsets of every checkpoint file
 
 
@@ -122,6 +121,6 @@ def _file_signature(path: Path) -> tuple:
 def source_signature() -> str:
     """A hash of fdkit's source and paddle's build: changed code, new programs."""
     digest = hashlib.sha256(paddle.version.commit.encode())
-    for path in sorted(Path(fdkit.__file__).parent.rglob("*.py")):
+    for path in sorted(PACKAGE_DIR.rglob("*.py")):
         digest.update(path.read_bytes())
     return digest.hexdigest()
