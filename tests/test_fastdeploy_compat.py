@@ -165,16 +165,15 @@ def test_missing_model_offline(tmp_path):
     )
 
 
-def test_bfloat16_on_cpu_is_refused_before_serving(tiny_paddle):
-    command = [
-        sys.executable,
-        "launch.py",
-        "model=ernie",
-        f"model.path={tiny_paddle}",
-        "engine.dtype=bfloat16",
-    ]
-    line = failed_start([*command, f"server.port={free_port()}"])
-    assert "engine.dtype=bfloat16 cannot run on CPU" in line and "use engine.dtype=float32" in line
+def test_bfloat16_on_cpu_without_the_compiled_step_is_refused_before_serving(tiny_paddle):
+    """bf16 on CPU runs only compiled (tests/test_compiled.py); float16 never."""
+    command = [sys.executable, "launch.py", "model=ernie", f"model.path={tiny_paddle}"]
+    line = failed_start(
+        [*command, "engine.dtype=bfloat16", "engine.compile=false", f"server.port={free_port()}"]
+    )
+    assert "engine.dtype=bfloat16 on CPU needs the compiled step (engine.compile=true)" in line
+    line = failed_start([*command, "engine.dtype=float16", f"server.port={free_port()}"])
+    assert "engine.dtype=float16 cannot run on CPU" in line and "use engine.dtype=float32" in line
 
 
 def test_port_in_use_is_found_before_the_model_loads(tiny_paddle):
