@@ -36,4 +36,6 @@ def test_offline_bench_prints_one_result_per_level(tiny_paddle):
 def test_serve_bench_against_a_live_server(server):
     results = run_bench("serve", "--base-url", server.base_url, "--concurrency", "1,4", "--max-tokens", "8")
     assert [r["concurrency"] for r in results] == [1, 4]
-    assert all(r["errors"] == 0 and r["output_tokens_per_s"] > 0 and r["itl_ms_median"] for r in results)
+    assert all(r["errors"] == 0 and r["output_tokens_per_s"] > 0 and r["itl_ms_median"] for r in results), (
+        results
+    )
