@@ -161,18 +161,16 @@ class CompiledModel:
     def _build(self, programs: dict) -> dict[str, inference.Predictor]:
         predictors = self.cache.load(programs, self._predictor) or self._compile(programs)
         if self.min_tokens == 1:  # the programs hold their own copies; no dygraph step needs these
-            for param in {
-                id(p): p for _, parts, _ in programs.values() for x in parts for p in x.parameters()
-            }.values():
-                param._clear_data()
+            for part in _parts(programs):
+                for param in part.parameters():
+                    param._clear_data()
         return predictors
 
     def _compile(self, programs: dict) -> dict[str, inference.Predictor]:
         """Traces and saves every program, and loads them (which proves them whole) before they are kept."""
         if self.dtype == "bfloat16":
-            for _, parts, _ in programs.values():
-                for part in parts:
-                    to_bfloat16(part)
+            for part in _parts(programs):
+                to_bfloat16(part)
         with self.cache.staging() as folder, deferred_collectives():
             for name, (fn, parts, examples) in programs.items():
                 specs = [InputSpec([None, *t.shape[1:]], t.dtype, f"x{j}") for j, t in enumerate(examples)]
@@ -186,6 +184,11 @@ class CompiledModel:
         config.enable_mkldnn()
         config.disable_glog_info()
         return inference.create_predictor(config)
+
+
+def _parts(programs: dict) -> list[nn.Layer]:
+    """Each sublayer the programs read, once (fused programs share a layer's parts)."""
+    return list({id(part): part for _, parts, _ in programs.values() for part in parts}.values())
 
 
 def bucket(num_rows: int) -> int:
