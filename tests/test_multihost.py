@@ -318,7 +318,7 @@ def test_a_silent_or_wrong_client_cannot_hold_node_0s_door(monkeypatch):
     def clients():
         _silent_client(address, sockets)
         time.sleep(0.1)  # the silent one is in the handshake first
-        threading.Thread(target=lambda: wrong.append(_refused(address)), daemon=True).start()
+        wrong.append(_refused(address))  # waits behind the silent one, then is refused by the door itself
         _agent(address, b"s3cret", hello, replies)
 
     thread = threading.Thread(target=clients, daemon=True)
