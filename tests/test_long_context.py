@@ -8,6 +8,7 @@ import pytest
 from helpers import TEST_ENGINE
 
 import fdkit.models.layers as layers
+import fdkit.models.prompt_attention as prompt_attention
 from fdkit import LLM, SamplingParams
 from fdkit.engine.sequence import Sequence
 
@@ -53,6 +54,18 @@ def test_attention_over_many_key_chunks_equals_one(llm, monkeypatch):
     np.testing.assert_allclose(prefill_logits(llm, ids, 300), whole, atol=1e-4, rtol=0)
     np.testing.assert_allclose(prefill_logits(llm, ids, 1), decoded, atol=1e-4, rtol=0)
     np.testing.assert_allclose(prefill_logits(llm, ids, CHUNK), whole, atol=1e-4, rtol=0)
+
+
+def test_prompt_attention_in_many_query_blocks_equals_one(llm, monkeypatch):
+    """With a tiny score budget each of a prompt's queries is its own block (its own key count, its own
+    padding and mask): the logits do not move."""
+    ids = prompt_ids(300)
+    whole = prefill_logits(llm, ids, 300)
+    monkeypatch.setattr(prompt_attention, "PROMPT_BLOCK_SCORES", 1)
+    np.testing.assert_allclose(prefill_logits(llm, ids, 300), whole, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(prefill_logits(llm, ids, CHUNK), whole, atol=1e-4, rtol=0)
+    monkeypatch.setattr(prompt_attention, "PROMPT_BLOCK_SCORES", 3000)  # blocks of 1-4 queries, padded
+    np.testing.assert_allclose(prefill_logits(llm, ids, BLOCK + 1), whole, atol=1e-4, rtol=0)
 
 
 @pytest.fixture(scope="module")

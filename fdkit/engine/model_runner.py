@@ -174,6 +174,7 @@ class ModelRunner:
             query_positions=query_positions,
             key_slots=paddle.to_tensor(key_slots),
             num_keys=num_keys,
+            query_lens=np.asarray(new_lens),
         )
         return group, key_slots
 

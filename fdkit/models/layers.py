@@ -11,6 +11,7 @@ import paddle
 import paddle.nn.functional as F
 from paddle import nn
 
+from fdkit.models.prompt_attention import attend_prompt
 from fdkit.parallel import assign, held_experts
 
 
@@ -68,6 +69,14 @@ class InterleavedRotaryEmbedding(nn.Layer):
 KEY_CHUNK_SCORES = 1 << 22  # attention scores held at once per group and layer (16 MB in float32)
 
 
+def softmax_attention(q, keys, values, mask) -> paddle.Tensor:
+    """softmax(q keys^T + mask) values. q: [groups, rows, d], scaled; keys, values: [groups, keys, d];
+    mask: [1, rows, keys] (0 or -inf). The compiled step runs the same math as a program."""
+    scores = paddle.matmul(q, keys, transpose_y=True).astype("float32")
+    scores = scores + mask.expand(scores.shape)  # expanded, not broadcast: broadcast adds are slow on CPU
+    return paddle.matmul(F.softmax(scores, axis=-1).astype(values.dtype), values)
+
+
 @dataclass
 class AttentionGroup:
     """Sequences attending together: `num_seqs` rows of `query_len` query slots (decode: 1 each), over
@@ -81,6 +90,7 @@ class AttentionGroup:
     query_positions: np.ndarray  # [num_seqs, query_len] position of each query slot
     key_slots: paddle.Tensor | None  # [num_seqs, num_keys] flat cache slot of each key (padded)
     num_keys: int  # keys of the longest row
+    query_lens: np.ndarray | None = None  # [num_seqs] new tokens of each row (None: query_len each)
     _masks: dict = field(default_factory=dict)
 
     def key_chunks(self, num_heads: int, block_size: int) -> list[tuple[int, int]]:
@@ -113,6 +123,7 @@ class AttentionBatch:
     groups: list[AttentionGroup]
     last_token_index: paddle.Tensor  # the tokens whose logits are needed
     block_size: int = 1  # key chunks are whole blocks
+    softmax_attention: Callable = softmax_attention  # the math of a prompt's query block
 
     @classmethod
     def causal(cls, num_rows: int, length: int, last_token_index: paddle.Tensor) -> AttentionBatch:
@@ -154,16 +165,22 @@ class PagedAttention(nn.Layer):
             v_cache[batch.slot_mapping] = v
         if len(batch.groups) == 1:  # no slicing (a copy per layer on CPU)
             kv_source = (k, v) if k_cache is None else (k_cache, v_cache)
-            return self._attend(q, kv_source, batch.groups[0], batch.block_size)
+            return self._attend(q, kv_source, batch.groups[0], batch)
         outs, start = [], 0
         for group in batch.groups:
             end = start + group.num_tokens
             kv_source = (k[start:end], v[start:end]) if k_cache is None else (k_cache, v_cache)
-            outs.append(self._attend(q[start:end], kv_source, group, batch.block_size))
+            outs.append(self._attend(q[start:end], kv_source, group, batch))
             start = end
         return paddle.concat(outs)
 
-    def _attend(self, q, kv_source, group: AttentionGroup, block_size: int) -> paddle.Tensor:
+    def _attend(self, q, kv_source, group: AttentionGroup, batch: AttentionBatch) -> paddle.Tensor:
+        if group.query_len > 1 and group.key_slots is not None:
+            return attend_prompt(self, q, kv_source, group, batch.softmax_attention)
+        return self._attend_key_chunks(q, kv_source, group, batch.block_size)
+
+    def _attend_key_chunks(self, q, kv_source, group: AttentionGroup, block_size: int) -> paddle.Tensor:
+        """Rows of queries (decode: one each) over key chunks with an online softmax."""
         b, lq, kvh = group.num_seqs, group.query_len, self.num_groups
         g = self.num_heads // kvh
         if group.query_index is not None:
