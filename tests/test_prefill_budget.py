@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fdkit.engine.kv_cache import BlockManager
-from fdkit.engine.prefill_budget import INITIAL_TOKENS, PrefillBudget
+from fdkit.engine.prefill_budget import INITIAL_TOKENS, MAX_ESTIMATE_AGE, PrefillBudget
 from fdkit.engine.scheduler import Scheduler, SchedulerConfig
 from fdkit.engine.sequence import SamplingParams, Sequence
 
@@ -22,7 +22,7 @@ def run(budget: PrefillBudget, num_steps: int, is_growing: bool = False) -> list
     prompt's context grows by the tokens prefilled."""
     caps, context = [], 0
     for _ in range(num_steps):
-        cap = budget.max_prompt_tokens
+        cap = budget.max_prompt_tokens(4)
         caps.append(cap)
         budget.observe(4, cap, step_time(cap, context))
         context += cap if is_growing else 0
@@ -36,11 +36,11 @@ def timed_decode(budget: PrefillBudget) -> PrefillBudget:
 
 def test_nothing_is_capped_until_a_decode_only_step_is_timed():
     budget = PrefillBudget(2.5, 2048)
-    assert budget.max_prompt_tokens == 0
+    assert budget.max_prompt_tokens(4) == 0
     budget.observe(0, 2048, 50.0)  # a prompt alone: no decodes to protect, nothing learned
     budget.observe(4, 100, 50.0)  # no decode estimate yet to compare with
-    assert budget.max_prompt_tokens == 0
-    assert timed_decode(budget).max_prompt_tokens == INITIAL_TOKENS
+    assert budget.max_prompt_tokens(4) == 0
+    assert timed_decode(budget).max_prompt_tokens(4) == INITIAL_TOKENS
 
 
 def test_converges_to_the_allowed_stall():
@@ -52,7 +52,8 @@ def test_converges_to_the_allowed_stall():
 
 
 def test_follows_the_cost_as_the_context_grows():
-    caps = run(timed_decode(PrefillBudget(2.5, 2048)), 200, is_growing=True)
+    # 210 steps: every MAX_ESTIMATE_AGE steps one carries no prompt (the decodes are timed again)
+    caps = run(timed_decode(PrefillBudget(2.5, 2048)), 210, is_growing=True)
     contexts = [sum(caps[:i]) for i in range(len(caps))]
     assert contexts[-1] > 10000 and caps[-1] < caps[4] / 5  # a token costs 10x+ what it did
     times = [step_time(cap, context) for cap, context in zip(caps, contexts, strict=True)]
@@ -69,7 +70,7 @@ def test_bounded_by_max_num_batched_tokens_and_a_short_chunk_does_not_shrink_it(
     budget = timed_decode(PrefillBudget(100.0, 256))
     assert run(budget, 5)[-1] == 256
     budget.observe(4, 3, step_time(3))  # the last 3 tokens of a prompt, well under the target
-    assert budget.max_prompt_tokens == 256
+    assert budget.max_prompt_tokens(4) == 256
 
 
 def test_a_faster_decode_only_step_lowers_the_target():
@@ -78,7 +79,34 @@ def test_a_faster_decode_only_step_lowers_the_target():
     for _ in range(30):
         budget.observe(1, 0, DECODE_S / 2)  # fewer streams now
     budget.observe(1, 300, step_time(300))
-    assert budget.max_prompt_tokens < 200
+    assert budget.max_prompt_tokens(1) < 200
+
+
+def test_decode_times_are_kept_per_number_of_decodes():
+    """The served bug: a decode-only step of 1 decode timed once, then only mixed steps of 32 decodes
+    (always a prompt waiting). Compared with the 1-decode time, every mixed step looked like a stall and
+    the budget fell to a few tokens. Now 32 decodes get their own decode-only step first."""
+    budget = PrefillBudget(2.5, 2048)
+    budget.observe(1, 0, 0.05)
+    assert budget.max_prompt_tokens(1) == INITIAL_TOKENS
+    assert budget.max_prompt_tokens(32) == 0  # the next step times 32 decodes alone
+    budget.observe(32, 0, 0.2)
+    caps = []
+    for _ in range(12):
+        caps.append(budget.max_prompt_tokens(32))
+        budget.observe(32, caps[-1], step_time(caps[-1]))
+    assert caps[-1] == 300  # as with one estimate of the right size (test_converges_to_the_allowed_stall)
+    assert budget.max_prompt_tokens(20) == 300  # the same power-of-2 bucket
+
+
+def test_an_old_decode_time_is_measured_again():
+    budget = timed_decode(PrefillBudget(2.5, 2048))
+    run(budget, MAX_ESTIMATE_AGE)
+    assert budget.max_prompt_tokens(4) > 0
+    run(budget, 1)
+    assert budget.max_prompt_tokens(4) == 0
+    budget.observe(4, 0, DECODE_S * 2)  # the streams' contexts grew: a fresh estimate, not averaged
+    assert budget.decode_s(4) == DECODE_S * 2
 
 
 def make_seq(num_tokens: int) -> Sequence:

@@ -138,7 +138,8 @@ class LLMEngine:
         """Outputs of the requests the step advanced. If it fails, those requests are aborted and
         RequestFailedError names them; the engine serves on. Timed, to cap prompt chunks next to decodes."""
         budget = self.prefill_budget
-        batch = self.scheduler.schedule(budget.max_prompt_tokens if budget else None)
+        cap = budget.max_prompt_tokens(self.scheduler.num_decoding) if budget else None
+        batch = self.scheduler.schedule(cap)
         if not batch.seqs:
             return []
         start = time.perf_counter()

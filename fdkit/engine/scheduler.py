@@ -64,6 +64,11 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
+    @property
+    def num_decoding(self) -> int:
+        """Running sequences with one token left to compute: the next step's decodes."""
+        return sum(seq.num_uncomputed_tokens == 1 for seq in self.running)
+
     def schedule(self, max_prompt_tokens: int | None = None) -> ScheduledBatch:
         """The next step's batch: running sequences (decodes before prompt chunks), then waiting ones
         while tokens, sequences and blocks allow. No waiting sequence is admitted in a step that preempts.
