@@ -85,16 +85,24 @@ def test_attention_program_equals_dygraph(compiled):
     import paddle
 
     from fdkit.models.layers import softmax_attention
-    from fdkit.models.prompt_attention import causal_mask
+    from fdkit.models.prompt_attention import MaskBuffer
 
     rng = np.random.default_rng(0)
     q, keys, values = (
         paddle.to_tensor(rng.normal(size=s).astype("float32")) for s in ([2, 15, 8], [2, 128, 8], [2, 128, 8])
     )
-    mask = causal_mask(np.arange(7, 12), 128, 3)
-    assert float(mask[0, 4, 8]) == 0 and float(mask[0, 0, 8]) == -np.inf and float(mask[0, 14, 12]) == -np.inf
-    got = compiled.engine.runner.compiled.softmax_attention(q, keys, values, mask).numpy()
-    np.testing.assert_allclose(got, softmax_attention(q, keys, values, mask).numpy(), atol=1e-5, rtol=0)
+    masks = MaskBuffer()
+    with masks.causal(np.arange(20, 30), 256, 1) as mask:  # a larger mask first: its tail is cleared
+        assert float(mask[0, 0, 21]) == -np.inf
+    with masks.causal(np.arange(7, 12), 128, 3) as mask:
+        assert (
+            float(mask[0, 4, 8]) == 0
+            and float(mask[0, 0, 8]) == -np.inf
+            and float(mask[0, 14, 12]) == -np.inf
+        )
+        assert float(mask[0, 0, 0]) == 0 and float(mask[0, 0, 7]) == 0 and float(mask[0, 0, 127]) == -np.inf
+        got = compiled.engine.runner.compiled.softmax_attention(q, keys, values, mask).numpy()
+        np.testing.assert_allclose(got, softmax_attention(q, keys, values, mask).numpy(), atol=1e-5, rtol=0)
 
 
 def test_float32_greedy_tokens_equal_dygraph(dygraph, compiled):

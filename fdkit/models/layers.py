@@ -11,7 +11,7 @@ import paddle
 import paddle.nn.functional as F
 from paddle import nn
 
-from fdkit.models.prompt_attention import attend_prompt
+from fdkit.models.prompt_attention import MaskBuffer, attend_prompt
 from fdkit.parallel import assign, held_experts
 
 
@@ -91,6 +91,7 @@ class AttentionGroup:
     key_slots: paddle.Tensor | None  # [num_seqs, num_keys] flat cache slot of each key (padded)
     num_keys: int  # keys of the longest row
     query_lens: np.ndarray | None = None  # [num_seqs] new tokens of each row (None: query_len each)
+    mask_buffer: MaskBuffer = field(default_factory=MaskBuffer)  # prompt blocks' masks, for all layers
     _masks: dict = field(default_factory=dict)
 
     def key_chunks(self, num_heads: int, block_size: int) -> list[tuple[int, int]]:

@@ -9,7 +9,8 @@ blocks are powers of 2, so that a compiled program sees few shapes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import paddle
@@ -27,7 +28,7 @@ def attend_prompt(attn, q: paddle.Tensor, kv_source, group, softmax_attention: C
     for row, num_new in enumerate(query_lens):
         positions = group.query_positions[row, :num_new]
         rows = _RowAttention(attn, kv_source, group.key_slots[row], int(positions[-1]) + 1)
-        outs.append(rows(q[first : first + num_new], positions, softmax_attention))
+        outs.append(rows(q[first : first + num_new], positions, group.mask_buffer, softmax_attention))
         first += num_new
     return outs[0] if len(outs) == 1 else paddle.concat(outs)
 
@@ -40,16 +41,18 @@ class _RowAttention:
         self.num_groups = attn.num_groups
         self.keys, self.values = self._gather(kv_source, key_slots, padded(num_keys))
 
-    def __call__(self, q, positions: np.ndarray, softmax_attention: Callable) -> paddle.Tensor:
+    def __call__(
+        self, q, positions: np.ndarray, masks: MaskBuffer, softmax_attention: Callable
+    ) -> paddle.Tensor:
         block = query_block(self.num_heads, padded(int(positions[-1]) + 1), len(positions))
         outs = []
         for start in range(0, len(positions), block):
             end = min(start + block, len(positions))
-            out = self._attend_block(q[start:end], positions[start:end], block, softmax_attention)
+            out = self._attend_block(q[start:end], positions[start:end], block, masks, softmax_attention)
             outs.append(out[: end - start])
         return outs[0] if len(outs) == 1 else paddle.concat(outs)
 
-    def _attend_block(self, q, positions: np.ndarray, block: int, softmax_attention: Callable):
+    def _attend_block(self, q, positions: np.ndarray, block: int, masks: MaskBuffer, softmax_attention):
         """q: [n <= block, heads, d] at `positions`, padded to `block` rows (repeating the last position,
         outputs dropped). Out: [block, heads * d]."""
         num_keys = padded(int(positions[-1]) + 1)
@@ -62,7 +65,8 @@ class _RowAttention:
         keys, values = self.keys, self.values
         if keys.shape[1] > num_keys:
             keys, values = keys[:, :num_keys], values[:, :num_keys]
-        out = softmax_attention(q, keys, values, causal_mask(positions, num_keys, g))
+        with masks.causal(positions, num_keys, g) as mask:
+            out = softmax_attention(q, keys, values, mask)
         out = out.reshape([self.num_groups, g, block, d]).transpose([2, 0, 1, 3])
         return out.reshape([block, self.num_heads * d])
 
@@ -80,15 +84,28 @@ class _RowAttention:
         return out
 
 
-def causal_mask(positions: np.ndarray, num_keys: int, num_repeats: int) -> paddle.Tensor:
-    """[1, num_repeats * len(positions), num_keys]: 0 where key <= the row's position, else -inf; the
-    rows repeat for the query heads that share a key head. Only the tail from the first position on is
-    computed (the rest is fresh zeroed memory), and paddle reads numpy's buffer without a copy: 4x
-    faster than a tensor's zeros and concat."""
-    first = int(positions.min())
-    mask = np.zeros((num_repeats, len(positions), num_keys), dtype=np.float32)
-    mask[:, :, first:] = np.where(np.arange(first, num_keys)[None, :] <= positions[:, None], 0.0, -np.inf)
-    return paddle.utils.dlpack.from_dlpack(mask.reshape(1, -1, num_keys))
+class MaskBuffer:
+    """A step's causal masks, [1, repeats * queries, keys] each: 0 where key <= the row's position, else
+    -inf, the rows repeated for the query heads that share a key head. They share one zeroed buffer:
+    a block writes its tail (the keys from its first position on) and clears it after use, so its
+    pages are touched once a step, not once per block and layer; paddle reads it without a copy."""
+
+    def __init__(self):
+        self._buffer = np.zeros(0, dtype=np.float32)
+
+    @contextmanager
+    def causal(self, positions: np.ndarray, num_keys: int, num_repeats: int) -> Iterator[paddle.Tensor]:
+        size = num_repeats * len(positions) * num_keys
+        if self._buffer.size < size:
+            self._buffer = np.zeros(size, dtype=np.float32)
+        mask = self._buffer[:size].reshape(num_repeats, len(positions), num_keys)
+        first = int(positions.min())
+        tail = mask[:, :, first:]
+        tail[...] = np.where(np.arange(first, num_keys)[None, :] <= positions[:, None], 0.0, -np.inf)
+        try:
+            yield paddle.utils.dlpack.from_dlpack(mask.reshape(1, -1, num_keys))
+        finally:
+            tail[...] = 0.0
 
 
 def query_block(num_heads: int, num_keys: int, num_queries: int) -> int:
