@@ -68,6 +68,25 @@ def test_prompt_attention_in_many_query_blocks_equals_one(llm, monkeypatch):
     np.testing.assert_allclose(prefill_logits(llm, ids, BLOCK + 1), whole, atol=1e-4, rtol=0)
 
 
+def test_decode_rows_of_very_different_lengths_in_one_step(llm):
+    """One-token rows are grouped by the power of 2 of their length (3 groups here): each row's logits
+    are its own."""
+    prompts = [prompt_ids(300), prompt_ids(BLOCK - 1), prompt_ids(2 * CHUNK)]
+    expected = np.stack([prefill_logits(llm, ids, len(ids)) for ids in prompts])
+    seqs = [Sequence(ids, SamplingParams()) for ids in prompts]
+    bm, runner = llm.engine.block_manager, llm.engine.runner
+    try:
+        for seq in seqs:
+            bm.grow(seq, seq.num_tokens)
+            runner.forward([seq], [seq.num_tokens - 1])
+            seq.num_computed_tokens = seq.num_tokens - 1
+        logits = runner.forward(seqs, [1, 1, 1]).numpy()
+    finally:
+        for seq in seqs:
+            bm.deallocate(seq)
+    np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
+
+
 @pytest.fixture(scope="module")
 def unchunked(llm) -> list[list[int]]:
     prompts = [prompt_ids(n) for n in LENGTHS]

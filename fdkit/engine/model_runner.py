@@ -129,14 +129,11 @@ class ModelRunner:
             return (self.compiled or self.model)(input_ids, positions, self.kv_caches, batch)
 
     def _prepare(self, steps: list[StepInput]):
-        """Token ids, positions and cache addressing of the step's new tokens: sequences with one new
-        token (decode) form one group, those with more (prompt chunks) another, laid out in that order."""
+        """Token ids, positions and cache addressing of the step's new tokens, laid out group by group
+        (`_partition`)."""
         input_ids, positions, slots, groups = [], [], [], []
         last_token_index = np.zeros(len(steps), dtype=np.int64)
-        for is_chunk in (False, True):
-            members = [i for i, step in enumerate(steps) if (len(step.new_token_ids) > 1) == is_chunk]
-            if not members:
-                continue
+        for members in _partition(steps):
             group, key_slots = self._group([steps[i] for i in members])
             for row, i in enumerate(members):
                 step = steps[i]
@@ -181,6 +178,19 @@ class ModelRunner:
     def _slots(self, block_table: list[int], num_tokens: int) -> np.ndarray:
         blocks = np.asarray(block_table, dtype=np.int64)[:, None] * self.block_size
         return (blocks + np.arange(self.block_size)).reshape(-1)[:num_tokens]
+
+
+def _partition(steps: list[StepInput]) -> list[list[int]]:
+    """Indices of the steps in each attention group: sequences with one new token (decodes, or a
+    prompt's one-token chunk) by the power of 2 of their length, since a group's keys are padded to its
+    longest row (one 16k-token row among short ones made every row gather 16k keys); then those with
+    more (prompt chunks), which attend row by row."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, step in enumerate(steps):
+        is_chunk = len(step.new_token_ids) > 1
+        key = (1, 0) if is_chunk else (0, (step.num_tokens - 1).bit_length())
+        groups.setdefault(key, []).append(i)
+    return [groups[key] for key in sorted(groups)]
 
 
 def _tensor(values) -> paddle.Tensor:
