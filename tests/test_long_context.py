@@ -10,6 +10,7 @@ from helpers import TEST_ENGINE
 import fdkit.models.layers as layers
 import fdkit.models.prompt_attention as prompt_attention
 from fdkit import LLM, SamplingParams
+from fdkit.engine.model_runner import StepInput
 from fdkit.engine.sequence import Sequence
 
 BLOCK = TEST_ENGINE["block_size"]  # 16
@@ -80,6 +81,8 @@ def test_decode_rows_of_very_different_lengths_in_one_step(llm):
             bm.grow(seq, seq.num_tokens)
             runner.forward([seq], [seq.num_tokens - 1])
             seq.num_computed_tokens = seq.num_tokens - 1
+        _, _, batch = runner._prepare([StepInput.of(seq, 1) for seq in seqs])
+        assert sorted(group.num_keys for group in batch.groups) == [BLOCK - 1, 2 * CHUNK, 300]
         logits = runner.forward(seqs, [1, 1, 1]).numpy()
     finally:
         for seq in seqs:

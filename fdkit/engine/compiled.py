@@ -134,7 +134,7 @@ class CompiledModel:
         return outputs
 
     def softmax_attention(self, q, keys, values, mask) -> paddle.Tensor:
-        """A prompt's query block (`fdkit.models.prompt_attention`) through the attention program."""
+        """A prompt's full query block (`fdkit.models.prompt_attention`) through the attention program."""
         (out,) = self.attention.run([q, keys, values, mask])
         self._restore_threads()
         return out

@@ -11,7 +11,7 @@ import paddle
 import paddle.nn.functional as F
 from paddle import nn
 
-from fdkit.models.prompt_attention import MaskBuffer, attend_prompt
+from fdkit.models.prompt_attention import MaskBuffer, attend_prompt, softmax_attention
 from fdkit.parallel import assign, held_experts
 
 
@@ -67,14 +67,6 @@ class InterleavedRotaryEmbedding(nn.Layer):
 
 
 KEY_CHUNK_SCORES = 1 << 22  # attention scores held at once per group and layer (16 MB in float32)
-
-
-def softmax_attention(q, keys, values, mask) -> paddle.Tensor:
-    """softmax(q keys^T + mask) values. q: [groups, rows, d], scaled; keys, values: [groups, keys, d];
-    mask: [1, rows, keys] (0 or -inf). The compiled step runs the same math as a program."""
-    scores = paddle.matmul(q, keys, transpose_y=True).astype("float32")
-    scores = scores + mask.expand(scores.shape)  # expanded, not broadcast: broadcast adds are slow on CPU
-    return paddle.matmul(F.softmax(scores, axis=-1).astype(values.dtype), values)
 
 
 @dataclass

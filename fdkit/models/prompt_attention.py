@@ -2,9 +2,12 @@
 up to its last position in one softmax, causal inside the block by a mask. A block reads no key after
 it, and its scores are bounded by PROMPT_BLOCK_SCORES whatever the context length.
 
-The math of a block is `batch.softmax_attention`: dygraph by default, a oneDNN program in the compiled
-step (`fdkit.engine.compiled`). Key counts are padded to KEY_PADDING (the padding is masked) and query
-blocks are powers of 2, so that a compiled program sees few shapes.
+Full blocks (as many queries as fit the score budget) run `batch.softmax_attention`: a oneDNN program
+in the compiled step (`fdkit.engine.compiled`), 2x faster than dygraph. A predictor keeps memory for
+every input shape it has seen (~the block's scores, measured), so the program sees few shapes: key
+counts are padded to buckets (KEY_PADDING, then powers of 2 and 1.5 times them, masked) and a full
+block's query count follows from its key count. Shorter blocks (a small chunk next to decodes, a
+chunk's last block) run `softmax_attention` in dygraph.
 """
 
 from __future__ import annotations
@@ -14,10 +17,20 @@ from contextlib import contextmanager
 
 import numpy as np
 import paddle
+import paddle.nn.functional as F
 
-PROMPT_BLOCK_SCORES = 1 << 24  # scores of one block of queries over its keys (64 MB in float32)
+PROMPT_BLOCK_SCORES = 1 << 22  # scores of one block of queries over its keys (16 MB in float32)
 MAX_QUERY_BLOCK = 256  # a prompt's queries per block
 KEY_PADDING = 128
+MIN_KEYS_READ = 0.75  # a block reads the row's keys (no slice, a copy) when it needs this share of them
+
+
+def softmax_attention(q, keys, values, mask) -> paddle.Tensor:
+    """softmax(q keys^T + mask) values. q: [groups, rows, d], scaled; keys, values: [groups, keys, d];
+    mask: [1, rows, keys] (0 or -inf)."""
+    scores = paddle.matmul(q, keys, transpose_y=True).astype("float32")
+    scores = scores + mask.expand(scores.shape)  # expanded, not broadcast: broadcast adds are slow on CPU
+    return paddle.matmul(F.softmax(scores, axis=-1).astype(values.dtype), values)
 
 
 def attend_prompt(attn, q: paddle.Tensor, kv_source, group, softmax_attention: Callable) -> paddle.Tensor:
@@ -42,17 +55,21 @@ class _RowAttention:
         self.keys, self.values = self._gather(kv_source, key_slots, padded(num_keys))
 
     def __call__(
-        self, q, positions: np.ndarray, masks: MaskBuffer, softmax_attention: Callable
+        self, q, positions: np.ndarray, masks: MaskBuffer, compiled_kernel: Callable
     ) -> paddle.Tensor:
-        block = query_block(self.num_heads, padded(int(positions[-1]) + 1), len(positions))
-        outs = []
-        for start in range(0, len(positions), block):
+        full_block = query_block(self.num_heads, padded(int(positions[-1]) + 1))
+        outs, start = [], 0
+        while start < len(positions):
+            block = min(full_block, _next_power_of_2(len(positions) - start))
             end = min(start + block, len(positions))
-            out = self._attend_block(q[start:end], positions[start:end], block, masks, softmax_attention)
-            outs.append(out[: end - start])
+            kernel = compiled_kernel if block == full_block else softmax_attention
+            outs.append(
+                self._attend_block(q[start:end], positions[start:end], block, masks, kernel)[: end - start]
+            )
+            start = end
         return outs[0] if len(outs) == 1 else paddle.concat(outs)
 
-    def _attend_block(self, q, positions: np.ndarray, block: int, masks: MaskBuffer, softmax_attention):
+    def _attend_block(self, q, positions: np.ndarray, block: int, masks: MaskBuffer, kernel: Callable):
         """q: [n <= block, heads, d] at `positions`, padded to `block` rows (repeating the last position,
         outputs dropped). Out: [block, heads * d]."""
         num_keys = padded(int(positions[-1]) + 1)
@@ -63,10 +80,11 @@ class _RowAttention:
         q = (q * self.attn.scale).reshape([block, self.num_groups, g, d]).transpose([1, 2, 0, 3])
         q = q.reshape([self.num_groups, g * block, d])
         keys, values = self.keys, self.values
-        if keys.shape[1] > num_keys:
+        if num_keys < MIN_KEYS_READ * keys.shape[1]:  # else the row's keys, masked: no copy
             keys, values = keys[:, :num_keys], values[:, :num_keys]
+        num_keys = keys.shape[1]
         with masks.causal(positions, num_keys, g) as mask:
-            out = softmax_attention(q, keys, values, mask)
+            out = kernel(q, keys, values, mask)
         out = out.reshape([self.num_groups, g, block, d]).transpose([2, 0, 1, 3])
         return out.reshape([block, self.num_heads * d])
 
@@ -102,19 +120,32 @@ class MaskBuffer:
         first = int(positions.min())
         tail = mask[:, :, first:]
         tail[...] = np.where(np.arange(first, num_keys)[None, :] <= positions[:, None], 0.0, -np.inf)
-        try:
-            yield paddle.utils.dlpack.from_dlpack(mask.reshape(1, -1, num_keys))
+        mask = mask.reshape(1, -1, num_keys)
+        try:  # on an accelerator, a copy on the device
+            yield paddle.utils.dlpack.from_dlpack(mask) if is_cpu() else paddle.to_tensor(mask)
         finally:
             tail[...] = 0.0
 
 
-def query_block(num_heads: int, num_keys: int, num_queries: int) -> int:
-    """Queries per block: a power of 2 whose scores over `num_keys` fit PROMPT_BLOCK_SCORES, at most
-    MAX_QUERY_BLOCK, and no more than the queries need."""
+def is_cpu() -> bool:
+    return paddle.get_device() == "cpu"
+
+
+def query_block(num_heads: int, num_keys: int) -> int:
+    """Queries of a full block: the largest power of 2 whose scores over `num_keys` fit
+    PROMPT_BLOCK_SCORES, at most MAX_QUERY_BLOCK."""
     fits = max(1, PROMPT_BLOCK_SCORES // (num_heads * num_keys))
-    block = 1 << (min(fits, MAX_QUERY_BLOCK).bit_length() - 1)
-    return min(block, 1 << (num_queries - 1).bit_length())
+    return 1 << (min(fits, MAX_QUERY_BLOCK).bit_length() - 1)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
 
 
 def padded(num_keys: int) -> int:
-    return -(-num_keys // KEY_PADDING) * KEY_PADDING
+    """Keys read for `num_keys`: a multiple of KEY_PADDING up to 4 of them, then the next power of 2 or
+    1.5 times a power of 2 (at most 1/3 more keys; 2 buckets per doubling)."""
+    if num_keys <= 4 * KEY_PADDING:
+        return -(-num_keys // KEY_PADDING) * KEY_PADDING
+    power = _next_power_of_2(num_keys)
+    return power * 3 // 4 if num_keys <= power * 3 // 4 else power
