@@ -33,15 +33,15 @@ def softmax_attention(q, keys, values, mask) -> paddle.Tensor:
     return paddle.matmul(F.softmax(scores, axis=-1).astype(values.dtype), values)
 
 
-def attend_prompt(attn, q: paddle.Tensor, kv_source, group, softmax_attention: Callable) -> paddle.Tensor:
+def attend_prompt(attn, q: paddle.Tensor, kv_source, group, full_kernel: Callable) -> paddle.Tensor:
     """q: [group tokens, heads, d], the rows' new tokens laid out one row after another; `attn` a
-    PagedAttention. Out: [group tokens, heads * d]."""
+    PagedAttention; `full_kernel` runs full blocks. Out: [group tokens, heads * d]."""
     query_lens = group.query_lens if group.query_lens is not None else [group.query_len] * group.num_seqs
     outs, first = [], 0
     for row, num_new in enumerate(query_lens):
         positions = group.query_positions[row, :num_new]
         rows = _RowAttention(attn, kv_source, group.key_slots[row], int(positions[-1]) + 1)
-        outs.append(rows(q[first : first + num_new], positions, group.mask_buffer, softmax_attention))
+        outs.append(rows(q[first : first + num_new], positions, group.mask_buffer, full_kernel))
         first += num_new
     return outs[0] if len(outs) == 1 else paddle.concat(outs)
 
@@ -54,18 +54,15 @@ class _RowAttention:
         self.num_groups = attn.num_groups
         self.keys, self.values = self._gather(kv_source, key_slots, padded(num_keys))
 
-    def __call__(
-        self, q, positions: np.ndarray, masks: MaskBuffer, compiled_kernel: Callable
-    ) -> paddle.Tensor:
+    def __call__(self, q, positions: np.ndarray, masks: MaskBuffer, full_kernel: Callable) -> paddle.Tensor:
         full_block = query_block(self.num_heads, padded(int(positions[-1]) + 1))
         outs, start = [], 0
         while start < len(positions):
             block = min(full_block, _next_power_of_2(len(positions) - start))
             end = min(start + block, len(positions))
-            kernel = compiled_kernel if block == full_block else softmax_attention
-            outs.append(
-                self._attend_block(q[start:end], positions[start:end], block, masks, kernel)[: end - start]
-            )
+            kernel = full_kernel if block == full_block else softmax_attention
+            out = self._attend_block(q[start:end], positions[start:end], block, masks, kernel)
+            outs.append(out[: end - start])
             start = end
         return outs[0] if len(outs) == 1 else paddle.concat(outs)
 
@@ -103,10 +100,11 @@ class _RowAttention:
 
 
 class MaskBuffer:
-    """A step's causal masks, [1, repeats * queries, keys] each: 0 where key <= the row's position, else
-    -inf, the rows repeated for the query heads that share a key head. They share one zeroed buffer:
-    a block writes its tail (the keys from its first position on) and clears it after use, so its
-    pages are touched once a step, not once per block and layer; paddle reads it without a copy."""
+    """Causal masks, [1, repeats * queries, keys] each: 0 where key <= the row's position, else -inf,
+    the rows repeated for the query heads that share a key head. A runner's masks share one zeroed
+    buffer: a block writes its tail (the keys from its first position on) and clears it after use, so
+    its pages are touched once, not once per block and layer; paddle reads it without a copy. It grows
+    by doubling: a predictor fed a new address every step kept memory for each."""
 
     def __init__(self):
         self._buffer = np.zeros(0, dtype=np.float32)
@@ -115,7 +113,7 @@ class MaskBuffer:
     def causal(self, positions: np.ndarray, num_keys: int, num_repeats: int) -> Iterator[paddle.Tensor]:
         size = num_repeats * len(positions) * num_keys
         if self._buffer.size < size:
-            self._buffer = np.zeros(size, dtype=np.float32)
+            self._buffer = np.zeros(max(size, 2 * self._buffer.size), dtype=np.float32)
         mask = self._buffer[:size].reshape(num_repeats, len(positions), num_keys)
         first = int(positions.min())
         tail = mask[:, :, first:]
