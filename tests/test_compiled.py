@@ -143,6 +143,25 @@ def test_programs_are_cached_on_disk(tiny_pt, tmp_path, caplog):
     assert len([p for p in tmp_path.iterdir()]) == 1  # nothing left half-written
 
 
+def test_old_program_directories_are_pruned(tmp_path):
+    """A commit keeps the MAX_CACHED_KEYS most recently used key directories; nothing else is touched."""
+    import os
+
+    from fdkit.engine.compile_cache import MAX_CACHED_KEYS, CompileCache
+
+    for i in range(MAX_CACHED_KEYS + 3):
+        old = tmp_path / f"{i:024x}"
+        old.mkdir()
+        os.utime(old, (1000 + i, 1000 + i))
+    (tmp_path / "not-a-key").mkdir()
+    cache = CompileCache(tmp_path, {"model": "x"})
+    with cache.staging() as folder:
+        (folder / "p.json").write_text("{}")
+    kept = {path.name for path in tmp_path.iterdir()}
+    assert {"not-a-key", cache.key, f"{MAX_CACHED_KEYS + 2:024x}"} <= kept
+    assert len(kept) == MAX_CACHED_KEYS + 1 and f"{3:024x}" not in kept and f"{4:024x}" in kept
+
+
 def test_buckets_bound_the_shapes():
     assert [bucket(n) for n in (1, 2, 3, 5, 9, 16, 17, 33, 128, 129, 2047, 2048)] == [
         1,

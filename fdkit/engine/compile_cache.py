@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -25,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # fdkit/
 SAMPLE_BYTES = 1 << 16  # bytes read at each of a few offsets of every checkpoint file
+MAX_CACHED_KEYS = 16  # program directories kept in a root, most recently used first (each holds weights)
 
 
 class CompileCache:
@@ -51,6 +53,8 @@ class CompileCache:
             shutil.rmtree(self.dir, ignore_errors=True)
             return None
         self.was_hit = True
+        with contextlib.suppress(OSError):
+            os.utime(self.dir)  # used: kept by _prune
         return loaded
 
     @contextmanager
@@ -60,6 +64,7 @@ class CompileCache:
         try:
             yield folder
             self._commit(folder)
+            self._prune()
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -68,6 +73,14 @@ class CompileCache:
             shutil.rmtree(self.dir, ignore_errors=True)  # incomplete: replaced
         with contextlib.suppress(OSError):  # another engine committed the same programs first
             folder.rename(self.dir)
+
+    def _prune(self) -> None:
+        """Removes all but the MAX_CACHED_KEYS most recently used program directories of the root (named
+        by a key; nothing else in it is touched). Every fdkit or paddle upgrade, checkpoint and dtype
+        adds one, with a copy of the weights: unpruned, a day's development filled a 100 GB disk."""
+        dirs = [path for path in self.root.iterdir() if path.is_dir() and _is_key(path.name)]
+        for old in sorted(dirs, key=_mtime, reverse=True)[MAX_CACHED_KEYS:]:
+            shutil.rmtree(old, ignore_errors=True)
 
     def _is_complete(self, folder: Path) -> bool:
         """Whether the committed directory has every program `folder` has."""
@@ -96,6 +109,17 @@ def _writable(root: Path) -> Path | None:
         logger.warning("engine.compile_cache_dir %s is not writable (%s): programs are not kept", root, exc)
         return None
     return root
+
+
+def _is_key(name: str) -> bool:
+    return len(name) == 24 and all(c in "0123456789abcdef" for c in name)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:  # removed by another engine meanwhile
+        return 0.0
 
 
 def _is_whole(*paths: Path) -> bool:
