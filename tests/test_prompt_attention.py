@@ -61,7 +61,7 @@ def test_prompt_attention_equals_reference(kv_head_index, block_scores, monkeypa
     q = rng.normal(size=(num_tokens, num_heads, HEAD_DIM)).astype("float32") * 3  # peaked softmax
     attn = PagedAttention(num_heads, num_kv_heads, HEAD_DIM, kv_head_index)
     group = group_of(key_slots)
-    caches = (paddle.to_tensor(k_cache), paddle.to_tensor(v_cache))
+    caches = tuple(paddle.to_tensor(c.transpose(1, 0, 2).reshape(-1, HEAD_DIM)) for c in (k_cache, v_cache))
     got = attn._attend(paddle.to_tensor(q), caches, group, AttentionBatch(None, [group], None, 16))
     want = reference(q, k_cache, v_cache, key_slots, kv_head_index)
     np.testing.assert_allclose(got.numpy(), want, atol=1e-5, rtol=0)

@@ -116,7 +116,7 @@ class AttentionBatch:
     groups: list[AttentionGroup]
     last_token_index: paddle.Tensor  # the tokens whose logits are needed
     block_size: int = 1  # key chunks are whole blocks
-    softmax_attention: Callable = softmax_attention  # the math of a prompt's query block
+    softmax_attention: Callable = softmax_attention  # a prompt's full query blocks
 
     @classmethod
     def causal(cls, num_rows: int, length: int, last_token_index: paddle.Tensor) -> AttentionBatch:
@@ -143,6 +143,7 @@ class PagedAttention(nn.Layer):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim**-0.5
         grouped = [h * num_kv_heads // num_heads for h in range(num_heads)]
+        self.register_buffer("kv_heads", paddle.arange(num_kv_heads, dtype="int64"), persistable=False)
         if kv_head_index is None or (num_heads % num_kv_heads == 0 and list(kv_head_index) == grouped):
             self.kv_head_index, self.num_groups = None, num_kv_heads  # query groups attending together
         else:
@@ -150,12 +151,19 @@ class PagedAttention(nn.Layer):
             self.register_buffer("kv_head_index", index, persistable=False)
             self.num_groups = num_heads
 
+    @property
+    def read_heads(self) -> paddle.Tensor:
+        """The KV head of each query group."""
+        return self.kv_heads if self.kv_head_index is None else self.kv_head_index
+
     def forward(self, q, k, v, k_cache, v_cache, batch: AttentionBatch) -> paddle.Tensor:
-        """q: [tokens, heads, d]; k, v: [tokens, kv_heads, d]; caches: [slots, kv_heads, d], or None
-        (training: each row attends to its own new tokens). Out: [tokens, heads * d]."""
+        """q: [tokens, heads, d]; k, v: [tokens, kv_heads, d]; caches: [kv_heads * slots, d], head-major
+        (`cache_rows`), or None (training: each row attends to its own new tokens). Out: [tokens,
+        heads * d]."""
         if k_cache is not None:
-            k_cache[batch.slot_mapping] = k
-            v_cache[batch.slot_mapping] = v
+            rows = self.cache_rows(batch.slot_mapping, k_cache, self.kv_heads)
+            k_cache[rows] = k.transpose([1, 0, 2]).reshape([-1, self.head_dim])
+            v_cache[rows] = v.transpose([1, 0, 2]).reshape([-1, self.head_dim])
         if len(batch.groups) == 1:  # no slicing (a copy per layer on CPU)
             kv_source = (k, v) if k_cache is None else (k_cache, v_cache)
             return self._attend(q, kv_source, batch.groups[0], batch)
@@ -199,20 +207,27 @@ class PagedAttention(nn.Layer):
 
     def _keys_values(self, kv_source, group: AttentionGroup, start: int, end: int):
         """Keys and values [b, groups, end - start, d] of keys [start, end) of each row."""
-        if group.key_slots is None:  # no cache: the group's own new keys, rows of query_len
-            shape = [group.num_seqs, group.query_len, self.num_kv_heads, self.head_dim]
-            keys, values = (t.reshape(shape)[:, start:end].transpose([0, 2, 1, 3]) for t in kv_source)
-        else:
+        if group.key_slots is not None:
             slots = group.key_slots if end - start == group.num_keys else group.key_slots[:, start:end]
-            keys, values = (self._gather(cache, slots) for cache in kv_source)
+            return tuple(self.gather(cache, slots) for cache in kv_source)
+        shape = [group.num_seqs, group.query_len, self.num_kv_heads, self.head_dim]  # the group's own keys
+        keys, values = (t.reshape(shape)[:, start:end].transpose([0, 2, 1, 3]) for t in kv_source)
         if self.kv_head_index is None:
             return keys, values
         return tuple(paddle.index_select(t, self.kv_head_index, axis=1) for t in (keys, values))
 
-    def _gather(self, cache: paddle.Tensor, slots: paddle.Tensor) -> paddle.Tensor:
-        b, lk = slots.shape
-        gathered = paddle.gather(cache, slots.flatten()).reshape([b, lk, self.num_kv_heads, self.head_dim])
-        return gathered.transpose([0, 2, 1, 3])  # [b, kvh, lk, d]
+    def gather(self, cache: paddle.Tensor, slots: paddle.Tensor) -> paddle.Tensor:
+        """[*slots.shape[:-1], groups, n, d]: the cache's keys (or values) at `slots` [..., n], for each
+        query group's KV head. The cache is head-major, so they come out in this layout, uncopied again."""
+        rows = self.cache_rows(slots, cache, self.read_heads)
+        return paddle.gather(cache, rows).reshape([*slots.shape[:-1], self.num_groups, slots.shape[-1], -1])
+
+    def cache_rows(self, slots: paddle.Tensor, cache: paddle.Tensor, heads: paddle.Tensor) -> paddle.Tensor:
+        """Flat rows [..., heads, n] of `slots` [..., n] in a head-major cache [kv_heads * slots, d]:
+        head h's slot s is row h * slots + s, so a head's keys sit together (a gather straight into the
+        attention layout; slot-major needed a transpose, 2x the gather's time at 16k keys)."""
+        num_slots = cache.shape[0] // self.num_kv_heads
+        return (slots.unsqueeze(-2) + (heads * num_slots).unsqueeze(-1)).flatten()
 
 
 def _online_softmax_step(state, scores: paddle.Tensor, values: paddle.Tensor):

@@ -90,13 +90,7 @@ class _RowAttention:
         slots = key_slots[: min(num_keys, key_slots.shape[0])]
         if slots.shape[0] < num_keys:
             slots = paddle.concat([slots, paddle.zeros([num_keys - slots.shape[0]], slots.dtype)])
-        out = []
-        for cache in kv_source:
-            t = paddle.gather(cache, slots).transpose([1, 0, 2])  # [kv_heads, num_keys, d]
-            if self.attn.kv_head_index is not None:
-                t = paddle.index_select(t, self.attn.kv_head_index, axis=0)
-            out.append(t)
-        return out
+        return [self.attn.gather(cache, slots) for cache in kv_source]  # [groups, num_keys, d]
 
 
 class MaskBuffer:
