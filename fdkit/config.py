@@ -39,6 +39,9 @@ class EngineConfig:
     dtype: str = "float32"  # "bfloat16": on CPU compiled, with avx512_bf16 or AMX; "float16": GPU only
     compile: bool = True  # CPU: dense parts run as Paddle Inference programs (oneDNN); False: dygraph
     compile_cache_dir: str | None = "~/.cache/fdkit/compiled"  # compiled programs kept; None: none kept
+    # CPU: decodes and small prompt chunks attend with fdkit's C++ kernel (fdkit/kernels, built on first
+    # use into compile_cache_dir), reading the paged cache in place; False: paddle's ops
+    attention_kernel: bool = True
     threads: int = 0  # 0: the host's cores shared among the ranks
     block_size: int = 64  # tokens per KV block
     kv_cache_gib: float | None = None  # KV cache of one rank; None: sized from memory (memory_utilization)

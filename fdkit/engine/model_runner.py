@@ -18,6 +18,7 @@ from fdkit.engine.compile_cache import CompileCache, model_signature, source_sig
 from fdkit.engine.compiled import CompiledModel
 from fdkit.engine.memory import DTYPE_BYTES, dygraph_dtype, is_compiled
 from fdkit.engine.sequence import Sequence
+from fdkit.kernels import paged_attention
 from fdkit.models import model_module
 from fdkit.models.layers import AttentionBatch, AttentionGroup
 from fdkit.models.loader import load_weights
@@ -107,8 +108,12 @@ class ModelRunner:
             load_weights(self.model, self.module, Path(model_path), engine_cfg.show_progress)
             self.compiled = self._compile(Path(model_path)) if self.is_compiled else None
         self.kv_caches = self._allocate_kv_cache()
-        if engine_cfg.device == "cpu":
+        is_cpu = engine_cfg.device == "cpu"
+        if is_cpu:
             keep_freed_memory()
+        self.paged_attention = None  # paddle's ops
+        if is_cpu and engine_cfg.attention_kernel:
+            self.paged_attention = paged_attention(engine_cfg.compile_cache_dir, self.threads)
 
     def _compile(self, model_path: Path) -> CompiledModel:
         state = get_parallel_state()
@@ -167,7 +172,10 @@ class ModelRunner:
                 slots += key_slots[row, start : step.num_tokens].tolist()
                 last_token_index[i] = len(input_ids) - 1
             groups.append(group)
-        batch = AttentionBatch(_tensor(slots), groups, paddle.to_tensor(last_token_index), self.block_size)
+        batch = AttentionBatch(
+            _tensor(slots), groups, paddle.to_tensor(last_token_index), self.block_size,
+            paged_attention=self.paged_attention,
+        )  # fmt: skip
         return _tensor(input_ids), _tensor(positions), batch
 
     def _group(self, steps: list[StepInput]) -> tuple[AttentionGroup, np.ndarray]:

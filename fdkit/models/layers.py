@@ -67,6 +67,7 @@ class InterleavedRotaryEmbedding(nn.Layer):
 
 
 KEY_CHUNK_SCORES = 1 << 22  # attention scores held at once per group and layer (16 MB in float32)
+MAX_IN_PLACE_QUERIES = 8  # rows of at most this many new tokens attend with `AttentionBatch.paged_attention`
 
 
 @dataclass
@@ -85,6 +86,7 @@ class AttentionGroup:
     query_lens: np.ndarray | None = None  # [num_seqs] new tokens of each row (None: query_len each)
     mask_buffer: MaskBuffer = field(default_factory=MaskBuffer)  # prompt blocks' masks, for all layers
     _masks: dict = field(default_factory=dict)
+    _token_rows: tuple | None = None
 
     def key_chunks(self, num_heads: int, block_size: int) -> list[tuple[int, int]]:
         """[start, end) runs of keys whose scores fit KEY_CHUNK_SCORES, whole blocks each; without a
@@ -94,6 +96,15 @@ class AttentionGroup:
         size = KEY_CHUNK_SCORES // (self.num_seqs * self.query_len * num_heads)
         size = max(block_size, size // block_size * block_size)
         return [(start, min(start + size, self.num_keys)) for start in range(0, self.num_keys, size)]
+
+    def token_rows(self) -> tuple[paddle.Tensor, paddle.Tensor]:
+        """Each token's row, and how many keys it sees (its position + 1), computed once per step."""
+        if self._token_rows is None:
+            lens = self.query_lens if self.query_lens is not None else np.full(self.num_seqs, self.query_len)
+            positions = np.concatenate([self.query_positions[row, :n] for row, n in enumerate(lens)])
+            rows = np.repeat(np.arange(self.num_seqs), lens)
+            self._token_rows = (paddle.to_tensor(rows), paddle.to_tensor(positions + 1))
+        return self._token_rows
 
     def mask(self, start: int, end: int) -> paddle.Tensor | None:
         """Additive mask [num_seqs, 1, 1, query_len, end - start] (0 or -inf) of keys [start, end),
@@ -117,6 +128,7 @@ class AttentionBatch:
     last_token_index: paddle.Tensor  # the tokens whose logits are needed
     block_size: int = 1  # key chunks are whole blocks
     softmax_attention: Callable = softmax_attention  # a prompt's full query blocks
+    paged_attention: Callable | None = None  # few queries a row, over the cache in place (fdkit.kernels)
 
     @classmethod
     def causal(cls, num_rows: int, length: int, last_token_index: paddle.Tensor) -> AttentionBatch:
@@ -176,6 +188,10 @@ class PagedAttention(nn.Layer):
         return paddle.concat(outs)
 
     def _attend(self, q, kv_source, group: AttentionGroup, batch: AttentionBatch) -> paddle.Tensor:
+        if group.key_slots is not None and batch.paged_attention and group.query_len <= MAX_IN_PLACE_QUERIES:
+            rows, num_keys = group.token_rows()
+            args = (group.key_slots, rows, num_keys, self.read_heads, self.num_kv_heads, self.scale)
+            return batch.paged_attention(q, *kv_source, *args)
         if group.query_len > 1 and group.key_slots is not None:
             return attend_prompt(self, q, kv_source, group, batch.softmax_attention)
         return self._attend_key_chunks(q, kv_source, group, batch.block_size)

@@ -1,0 +1,126 @@
+"""fdkit's CPU kernels: paddle custom operators in C++ (`*.cc` here), built with the machine's compiler on
+first use (~10 s) into `{root}/kernels-{key}`, the key a hash of the sources, the flags, paddle's version
+and the CPU's instruction sets (they are built for this CPU). Later starts load the built library. Where
+they cannot be built (no compiler), the engine runs paddle's own ops instead, with a warning."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import tempfile
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+from types import ModuleType
+
+import paddle
+
+logger = logging.getLogger(__name__)
+
+SOURCES = [Path(__file__).with_name("paged_attention.cc")]
+CXX_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
+_loaded: dict[str, ModuleType] = {}  # by key: paddle registers a library's operators once per process
+
+
+def paged_attention(root: str | None, num_threads: int) -> Callable | None:
+    """The in-place paged attention of few queries per row (`paged_attention.cc`): `(q, k_cache,
+    v_cache, key_slots, query_rows, num_keys, kv_heads, num_kv_heads, scale) -> [tokens, heads * d]`;
+    None where it cannot be built."""
+    module = load_kernels(root)
+    if module is None:
+        return None
+    op = module.fdkit_paged_attention
+
+    def attend(*args):
+        return op(*args, num_threads)
+
+    return attend
+
+
+def load_kernels(root: str | None) -> ModuleType | None:
+    try:
+        key = _key()
+    except OSError as exc:  # an install without the sources
+        logger.warning("fdkit's CPU kernels could not be built (%s): paddle's ops run instead", exc)
+        return None
+    if key not in _loaded:
+        module = _build_or_load(root, key)
+        if module is None:
+            return None
+        _loaded[key] = module
+    return _loaded[key]
+
+
+def _build_or_load(root: str | None, key: str) -> ModuleType | None:
+    name = f"fdkit_kernels_{key}"
+    with _build_dir(root, key) as folder, _locked(folder):
+        library = folder / name / f"{name}.so"
+        try:
+            if library.exists():
+                return _import_built(name, folder / name)
+            from paddle.utils.cpp_extension import load
+
+            return load(name, [str(s) for s in SOURCES], CXX_FLAGS, extra_ldflags=_openmp_link_flags(),
+                        build_directory=str(folder))  # fmt: skip
+        except Exception as exc:  # no compiler, or a broken build: paddle's ops instead
+            logger.warning("fdkit's CPU kernels could not be built (%s): paddle's ops run instead", exc)
+            return None
+
+
+def _openmp_link_flags() -> list[str]:
+    """Paddle's own OpenMP runtime (Intel's, which MKL and oneDNN use): with GNU's libgomp beside it, each
+    runtime's threads spin-waited while the other's worked (the decode step ran 2.8x slower)."""
+    libs = Path(paddle.__file__).parent / "libs"
+    if not (libs / "libiomp5.so").exists():
+        return ["-fopenmp"]
+    return [f"-L{libs}", "-liomp5", f"-Wl,-rpath,{libs}"]
+
+
+def _import_built(name: str, folder: Path) -> ModuleType:
+    from paddle.utils.cpp_extension.extension_utils import _import_module_from_library
+
+    return _import_module_from_library(name, str(folder))
+
+
+def _key() -> str:
+    digest = hashlib.sha256()
+    for source in SOURCES:
+        digest.update(source.read_bytes())
+    digest.update(" ".join([*CXX_FLAGS, paddle.__version__, *_cpu_flags()]).encode())
+    return digest.hexdigest()[:16]
+
+
+def _cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("flags"):
+                return sorted(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return []
+
+
+@contextmanager
+def _build_dir(root: str | None, key: str):
+    """`{root}/kernels-{key}`, or a temporary folder when root is None or not writable."""
+    folder = None if root is None else Path(root).expanduser() / f"kernels-{key}"
+    if folder is not None:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            logger.warning("%s is not writable (%s): kernels are built in a temporary folder", folder, exc)
+            folder = None
+    if folder is not None:
+        yield folder
+        return
+    with tempfile.TemporaryDirectory(prefix="fdkit-kernels-") as temporary:
+        yield Path(temporary)
+
+
+@contextmanager
+def _locked(folder: Path):
+    """One builder at a time: tensor-parallel ranks start together."""
+    with open(folder / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
