@@ -63,7 +63,8 @@ def main() -> None:
     compiled.attention = compiled._attention_predictor()
     kernels = {"softmax_attention": compiled.softmax_attention}
     if args.kernel:
-        kernels["paged_attention"] = paged_attention(tempfile.mkdtemp(prefix="fdkit-bench-kernels-"), args.threads)
+        build_dir = tempfile.mkdtemp(prefix="fdkit-bench-kernels-")
+        kernels["paged_attention"] = paged_attention(build_dir, args.threads)
     attn, rng = PagedAttention(HEADS, KV_HEADS, HEAD_DIM), np.random.default_rng(0)
     for num_new in NEW_TOKENS:
         q, k, v, batch = step(num_new, args.context, num_slots, kernels, rng)
@@ -74,7 +75,9 @@ def main() -> None:
             for _ in range(10):
                 attn(q, k, v, *caches, batch)
         ms = (time.perf_counter() - start) / 10 * 1e3
-        print(f"context {args.context}, {num_new:3d} new tokens: {ms:7.2f} ms a layer, x18 = {ms * 18:7.1f} ms")
+        print(
+            f"context {args.context}, {num_new:3d} new tokens: {ms:7.2f} ms a layer, x18 = {ms * 18:.1f} ms"
+        )
 
 
 if __name__ == "__main__":
