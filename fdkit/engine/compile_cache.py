@@ -33,7 +33,7 @@ class CompileCache:
     def __init__(self, root: str | Path | None, key_fields: dict):
         self.key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:24]
         self.temporary = None
-        self.root = _writable(Path(root).expanduser()) if root else None
+        self.root = writable_dir(Path(root).expanduser()) if root else None
         if self.root is None:
             self.temporary = tempfile.TemporaryDirectory(prefix="fdkit-compiled-")
             self.root = Path(self.temporary.name)
@@ -101,12 +101,13 @@ def save_program(folder: Path, name: str, layer: paddle.nn.Layer, input_spec: li
     paddle.jit.save(static, str(folder / name), input_spec=input_spec)
 
 
-def _writable(root: Path) -> Path | None:
+def writable_dir(root: Path) -> Path | None:
+    """`root`, created if need be, or None (with a warning) where it cannot be written."""
     try:
         root.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=root).close()
     except OSError as exc:
-        logger.warning("engine.compile_cache_dir %s is not writable (%s): programs are not kept", root, exc)
+        logger.warning("%s is not writable (%s): what is compiled there is not kept", root, exc)
         return None
     return root
 

@@ -310,11 +310,16 @@ def dygraph_dtype(engine) -> str:
 
 def cpu_has_bfloat16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """avx512_bf16 or AMX: what oneDNN's bfloat16 matmul needs to beat float32."""
+    return bool(cpu_flags(cpuinfo) & {"avx512_bf16", "amx_bf16"})
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    """The CPU's instruction-set flags (empty where /proc/cpuinfo cannot be read)."""
     try:
-        flags = set(cpuinfo.read_text().split())
+        lines = cpuinfo.read_text().splitlines()
     except OSError:
-        return False
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
+        return set()
+    return {flag for line in lines if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
 
 
 def _check_runnable(plan: MemoryPlan, engine) -> None:

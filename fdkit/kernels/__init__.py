@@ -16,6 +16,9 @@ from types import ModuleType
 
 import paddle
 
+from fdkit.engine.compile_cache import writable_dir
+from fdkit.engine.memory import cpu_flags
+
 logger = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name("paged_attention.cc")]
@@ -87,30 +90,14 @@ def _key() -> str:
     digest = hashlib.sha256()
     for source in SOURCES:
         digest.update(source.read_bytes())
-    digest.update(" ".join([*CXX_FLAGS, paddle.__version__, *_cpu_flags()]).encode())
+    digest.update(" ".join([*CXX_FLAGS, paddle.__version__, *sorted(cpu_flags())]).encode())
     return digest.hexdigest()[:16]
-
-
-def _cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
-    try:
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("flags"):
-                return sorted(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return []
 
 
 @contextmanager
 def _build_dir(root: str | None, key: str):
     """`{root}/kernels-{key}`, or a temporary folder when root is None or not writable."""
-    folder = None if root is None else Path(root).expanduser() / f"kernels-{key}"
-    if folder is not None:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            logger.warning("%s is not writable (%s): kernels are built in a temporary folder", folder, exc)
-            folder = None
+    folder = writable_dir(Path(root).expanduser() / f"kernels-{key}") if root else None
     if folder is not None:
         yield folder
         return
