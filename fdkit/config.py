@@ -42,6 +42,9 @@ class EngineConfig:
     # CPU: decodes and small prompt chunks attend with fdkit's C++ kernel (fdkit/kernels, built on first
     # use into compile_cache_dir), reading the paged cache in place; False: paddle's ops
     attention_kernel: bool = True
+    # CPU, with compile: linear layers run oneDNN's matmul on weights packed at load (kernels/linear.cc),
+    # the rest in dygraph; False (or no compiler): the dense parts run as Paddle Inference programs
+    linear_kernel: bool = True
     threads: int = 0  # 0: the host's cores shared among the ranks
     block_size: int = 64  # tokens per KV block
     kv_cache_gib: float | None = None  # KV cache of one rank; None: sized from memory (memory_utilization)

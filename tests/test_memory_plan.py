@@ -96,11 +96,14 @@ def test_llm_refuses_before_looking_for_weights(tmp_path):
 
 
 def test_weights_are_counted_as_the_model_holds_them(llm):
-    held = sum(int(p.size) for p in llm.engine.runner.model.parameters())
-    assert llm.memory_plan.model.num_parameters == held  # a tied LM head keeps its own copy
-    # the compiled float32 step keeps the dygraph weights for one-row steps (fdkit/engine/compiled.py)
-    assert llm.memory_plan.num_weight_copies == 2
-    assert llm.memory_plan.weight_bytes == 2 * 4 * held
+    """The linear layers hold only their packed weights (fdkit/kernels/linear.cc), float32 here: the
+    plan's one float32 copy of every parameter (a tied LM head keeps its own copy) is the bytes held."""
+    model = llm.engine.runner.model
+    params = sum(int(p.size) for p in model.parameters()) * 4
+    packed = sum(int(b.size) for name, b in model.named_buffers() if name.endswith("packed"))
+    assert packed > params  # the linear layers are most of the model
+    assert llm.memory_plan.num_weight_copies == 1
+    assert llm.memory_plan.weight_bytes == 4 * llm.memory_plan.model.num_parameters == params + packed
     assert llm.engine.block_manager.num_blocks == TEST_ENGINE["num_kv_blocks"]  # tests' small engines
 
 

@@ -59,26 +59,44 @@ MAX_PROGRAM_ROWS = 256
 
 
 class CompiledModel:
-    def __init__(self, model: nn.Layer, cache: CompileCache, threads: int, dtype: str):
+    """`has_programs=False`: the linear layers run fdkit's packed oneDNN kernel (`fdkit.parallel.
+    pack_linears`), the rest of the model in dygraph, and only prompt attention runs as a program.
+    `keeps_dygraph_weights=False`: one-row float32 steps run the programs too, which hold the only copy."""
+
+    def __init__(
+        self,
+        model: nn.Layer,
+        cache: CompileCache,
+        threads: int,
+        dtype: str,
+        has_programs: bool = True,
+        keeps_dygraph_weights: bool = True,
+    ):
         self.model, self.cache, self.threads, self.dtype = model, cache, threads, dtype
         self.layers = list(model.layers)
         is_dense = all(layer.is_feed_forward_compilable for layer in self.layers)
-        self.min_tokens = MIN_COMPILED_TOKENS[dtype] if is_dense else 1  # a MoE model is held once
+        is_held_once = not (is_dense and keeps_dygraph_weights)  # a MoE model is held once
+        self.min_tokens = 1 if is_held_once else MIN_COMPILED_TOKENS[dtype]
         self.vocab_size = model.config.vocab_size
         self.is_fused = get_parallel_state().world_size == 1 and is_dense
         start = time.perf_counter()
-        self.predictors = self._build(self._fused_programs() if self.is_fused else self._split_programs())
+        self.predictors = {}
+        if has_programs:
+            self.predictors = self._build(self._fused_programs() if self.is_fused else self._split_programs())
         self.attention = self._attention_predictor()
         logger.info(
             "compiled step: %d programs (%s) in %.1f s, cache %s",
             len(self.predictors),
-            "fused" if self.is_fused else "split",
+            ("fused" if self.is_fused else "split") if has_programs else "packed linear layers, dygraph",
             time.perf_counter() - start,
-            "hit" if self.cache.was_hit else "written",
+            "hit" if self.cache.was_hit else ("written" if self.predictors else "unused"),
         )
 
     def __call__(self, input_ids, positions, kv_caches, batch) -> paddle.Tensor:
         num_tokens = input_ids.shape[0]
+        if not self.predictors:
+            batch = dataclasses.replace(batch, softmax_attention=self.softmax_attention)
+            return self.model(input_ids, positions, kv_caches, batch)
         if num_tokens < self.min_tokens:
             return self.model(input_ids, positions, kv_caches, batch)
         num_rows = bucket(num_tokens)  # padding rows: token 0 at position 0, never attended to

@@ -223,7 +223,7 @@ def plan_memory(config, model_path: str | Path, available_bytes: int | None = No
         block_size=engine.block_size,
         max_model_len=engine.max_model_len or model.max_position,
         available_bytes=available_memory(engine.device) if available_bytes is None else available_bytes,
-        num_weight_copies=2 if is_compiled(engine) and engine.dtype == "float32" and model.is_dense else 1,
+        num_weight_copies=_num_weight_copies(engine, model),
     )
     requested = _requested_blocks(plan, engine)
     is_model_len = engine.max_model_len is None  # the model's, lowered to what the KV cache holds
@@ -294,6 +294,12 @@ def _advice(plan: MemoryPlan, num_blocks: int) -> str:
         f"on a host with {gb(host)} available in float32 at tp=1 (on CPU the ranks share the host's RAM, "
         f"so a larger tp does not help, and weights load in float32), or {on_gpus('bfloat16')}"
     )
+
+
+def _num_weight_copies(engine, model: ModelFootprint) -> int:
+    """Two where float32 programs keep the dygraph weights for one-row steps (fdkit/engine/compiled.py)."""
+    is_programs = is_compiled(engine) and not engine.linear_kernel
+    return 2 if is_programs and engine.dtype == "float32" and model.is_dense else 1
 
 
 def is_compiled(engine) -> bool:

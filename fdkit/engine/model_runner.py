@@ -18,12 +18,12 @@ from fdkit.engine.compile_cache import CompileCache, model_signature, source_sig
 from fdkit.engine.compiled import CompiledModel
 from fdkit.engine.memory import DTYPE_BYTES, dygraph_dtype, is_compiled
 from fdkit.engine.sequence import Sequence
-from fdkit.kernels import paged_attention
+from fdkit.kernels import packed_linear, paged_attention
 from fdkit.models import model_module
 from fdkit.models.layers import AttentionBatch, AttentionGroup
 from fdkit.models.loader import load_weights
 from fdkit.models.prompt_attention import MaskBuffer
-from fdkit.parallel import get_parallel_state, set_expert_parallel
+from fdkit.parallel import get_parallel_state, pack_linears, set_expert_parallel
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,18 @@ class ModelRunner:
         if is_cpu and engine_cfg.attention_kernel:
             self.paged_attention = paged_attention(engine_cfg.compile_cache_dir, self.threads)
 
+    def _pack_linears(self) -> bool:
+        """The linear layers' weights packed for oneDNN (fdkit/kernels/linear.cc); False where the kernel
+        cannot be built: the dense parts then run as programs, holding the only copy of the weights (the
+        memory plan counted one)."""
+        kernel = packed_linear(self.cfg.compile_cache_dir, self.threads)
+        if kernel is None:
+            return False
+        pack_linears(self.model, kernel, bf16=self.cfg.dtype == "bfloat16")
+        return True
+
     def _compile(self, model_path: Path) -> CompiledModel:
+        is_packed = self.cfg.linear_kernel and self._pack_linears()
         state = get_parallel_state()
         key_fields = {
             "model": model_signature(model_path),
@@ -126,7 +137,9 @@ class ModelRunner:
         }
         cache = CompileCache(self.cfg.compile_cache_dir, key_fields)
         try:
-            return CompiledModel(self.model, cache, self.threads, self.cfg.dtype)
+            keeps_dygraph = not self.cfg.linear_kernel
+            dtype = self.cfg.dtype
+            return CompiledModel(self.model, cache, self.threads, dtype, not is_packed, keeps_dygraph)
         finally:
             cache.close()
 

@@ -21,7 +21,10 @@ from fdkit.engine.memory import cpu_flags
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name("paged_attention.cc")]
+HERE = Path(__file__).parent
+SOURCES = [HERE / "paged_attention.cc"]
+ONEDNN_SOURCES = [HERE / "linear.cc", HERE / "dnnl_api.h"]  # built where paddle ships oneDNN's library
+ONEDNN_LIBRARY = "libdnnl.so.3"
 CXX_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
 _loaded: dict[str, ModuleType] = {}  # by key: paddle registers a library's operators once per process
 
@@ -39,6 +42,28 @@ def paged_attention(root: str | None, num_threads: int) -> Callable | None:
         return op(*args, num_threads)
 
     return attend
+
+
+class PackedLinear:
+    """Linear layers through oneDNN with packed weights (`linear.cc`): `pack` a float32 [in, out] weight
+    once, then `x W` from the packed bytes, in float32 or bf16."""
+
+    def __init__(self, module: ModuleType, num_threads: int):
+        self.module, self.num_threads = module, num_threads
+
+    def pack(self, weight: paddle.Tensor, bf16: bool) -> paddle.Tensor:
+        return self.module.fdkit_linear_pack(weight, bf16)
+
+    def __call__(self, x: paddle.Tensor, packed: paddle.Tensor, out_features: int, bf16: bool):
+        return self.module.fdkit_linear(x, packed, out_features, bf16, self.num_threads)
+
+
+def packed_linear(root: str | None, num_threads: int) -> PackedLinear | None:
+    """None where the kernels cannot be built or paddle ships no oneDNN library."""
+    module = load_kernels(root)
+    if module is None or not hasattr(module, "fdkit_linear"):
+        return None
+    return PackedLinear(module, num_threads)
 
 
 def load_kernels(root: str | None) -> ModuleType | None:
@@ -64,17 +89,33 @@ def _build_or_load(root: str | None, key: str) -> ModuleType | None:
                 return _import_built(name, folder / name)
             from paddle.utils.cpp_extension import load
 
-            return load(name, [str(s) for s in SOURCES], CXX_FLAGS, extra_ldflags=_openmp_link_flags(),
-                        build_directory=str(folder))  # fmt: skip
+            sources = [str(s) for s in _sources() if s.suffix == ".cc"]
+            return load(name, sources, CXX_FLAGS, extra_ldflags=_link_flags(), build_directory=str(folder))
         except Exception as exc:  # no compiler, or a broken build: paddle's ops instead
             logger.warning("fdkit's CPU kernels could not be built (%s): paddle's ops run instead", exc)
             return None
 
 
+def _paddle_libs() -> Path:
+    return Path(paddle.__file__).parent / "libs"
+
+
+def _sources() -> list[Path]:
+    return SOURCES + (ONEDNN_SOURCES if (_paddle_libs() / ONEDNN_LIBRARY).exists() else [])
+
+
+def _link_flags() -> list[str]:
+    """Paddle's OpenMP runtime, and its oneDNN library where linear.cc is built."""
+    libs = _paddle_libs()
+    if not (libs / ONEDNN_LIBRARY).exists():
+        return _openmp_link_flags()
+    return [*_openmp_link_flags(), f"-L{libs}", f"-l:{ONEDNN_LIBRARY}", f"-Wl,-rpath,{libs}"]
+
+
 def _openmp_link_flags() -> list[str]:
     """Paddle's own OpenMP runtime (Intel's, which MKL and oneDNN use): with GNU's libgomp beside it, each
     runtime's threads spin-waited while the other's worked (the decode step ran 2.8x slower)."""
-    libs = Path(paddle.__file__).parent / "libs"
+    libs = _paddle_libs()
     if not (libs / "libiomp5.so").exists():
         return ["-fopenmp"]
     return [f"-L{libs}", "-liomp5", f"-Wl,-rpath,{libs}"]
@@ -88,8 +129,8 @@ def _import_built(name: str, folder: Path) -> ModuleType:
 
 def _key() -> str:
     digest = hashlib.sha256()
-    for source in SOURCES:
-        digest.update(source.read_bytes())
+    for source in _sources():
+        digest.update(source.name.encode() + source.read_bytes())
     digest.update(" ".join([*CXX_FLAGS, paddle.__version__, *sorted(cpu_flags())]).encode())
     return digest.hexdigest()[:16]
 
