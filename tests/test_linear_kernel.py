@@ -56,7 +56,8 @@ def test_leading_axes_zero_rows_and_threads(kernel):
     np.testing.assert_allclose(got.numpy(), x @ weight, atol=1e-4, rtol=0)
     assert kernel(paddle.zeros([0, 64]), packed, 48, False).shape == [0, 48]
     one_thread = kernels.PackedLinear(kernel.module, num_threads=1)
-    np.testing.assert_allclose(one_thread(paddle.to_tensor(x), packed, 48, False).numpy(), got.numpy(), atol=1e-5)
+    alone = one_thread(paddle.to_tensor(x), packed, 48, False)
+    np.testing.assert_allclose(alone.numpy(), got.numpy(), atol=1e-5)
 
 
 def test_a_packed_weight_of_another_size_is_refused(kernel):
@@ -71,7 +72,8 @@ def test_the_engine_packs_every_linear_layer_once(tiny_pt):
         runner = llm.engine.runner
         assert runner.compiled.predictors == {}  # no dense programs
         linears = [layer for layer in runner.model.sublayers() if isinstance(layer, LINEAR_LAYERS)]
-        assert linears and all(layer.weight is None and layer.packed.dtype == paddle.uint8 for layer in linears)
+        assert linears
+        assert all(layer.weight is None and layer.packed.dtype == paddle.uint8 for layer in linears)
         assert llm.generate(["hello"], GREEDY, use_tqdm=False)[0].token_ids
 
 
