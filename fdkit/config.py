@@ -54,6 +54,9 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None  # tokens per step (prompts are prefilled in chunks); None: 2048
     # with decodes running, a step with prompt chunks takes at most this x a decode-only step; None/0: off
     max_decode_stall: float | None = 2.0
+    # sequences of at most this many tokens prefill whole next to decodes, not held to max_decode_stall
+    # (as vLLM and FastDeploy schedule every prompt); 0: every prompt is held to it
+    short_prompt_tokens: int = 256
     # None: the model's max_position_embeddings, lowered to what the KV cache holds (logged)
     max_model_len: int | None = None
     enable_prefix_caching: bool = True  # reuse the KV of full blocks of prompts seen before

@@ -116,7 +116,7 @@ def linear(x: paddle.Tensor, layer: nn.Layer) -> paddle.Tensor:
     """x W. A layer `pack_linears` packed runs oneDNN on its packed weight. A layer `to_bfloat16` converted
     holds W^T in bfloat16 instead ([out, in]: the layout oneDNN's bf16 matmul reads fastest, 1.5x faster
     for one row than [in, out]); it computes in bfloat16."""
-    packed = layer._buffers.get("packed")
+    packed = getattr(layer, "packed", None)
     if packed is not None:
         return layer.packed_linear(x, packed, layer.out_features, layer.is_bf16)
     if layer.weight is None:

@@ -142,3 +142,28 @@ def test_scheduler_caps_prompt_tokens_next_to_decodes():
     assert step(scheduler, 0) == [1]  # decodes only
     assert step(scheduler, None) == [1, 63]  # no cap: the step's token budget
     assert step(scheduler, 30) == [1, 27, 3]  # the rest of the long prompt, then the next one's
+
+
+def test_short_prompts_go_whole_next_to_decodes_and_long_ones_keep_the_cap():
+    """engine.short_prompt_tokens: a sequence of at most that many tokens prefills whole; the cap holds
+    the long prompts' chunks, counted apart from the short ones."""
+    scheduler = Scheduler(SchedulerConfig(4, 64, 256, short_prompt_tokens=12), BlockManager(64, 4, False))
+    scheduler.add(make_seq(3))
+    assert step(scheduler, 5) == [3]
+    scheduler.add(make_seq(40))
+    scheduler.add(make_seq(12))
+    scheduler.add(make_seq(13))
+    batch = scheduler.schedule(5)
+    assert batch.num_new_tokens == [1, 5, 12] and batch.num_capped_tokens == 5  # the 13 waits
+    assert batch.num_prompt_tokens == 17
+    for seq, is_ready in zip(batch.seqs, scheduler.update(batch), strict=True):
+        if is_ready:
+            seq.append_token(0)
+    assert step(scheduler, 5) == [1, 1, 5]  # 13 tokens is long: no cap left once the 40's chunk ran
+
+
+def test_a_step_with_uncapped_prompts_teaches_nothing():
+    budget = timed_decode(PrefillBudget(2.5, 2048))
+    before = budget.max_prompt_tokens(4)
+    budget.observe(4, before, DECODE_S * 20, num_uncapped=100)  # slow because of the short prompts
+    assert budget.max_prompt_tokens(4) == before

@@ -87,7 +87,12 @@ class LLMEngine:
 
     def _scheduler_config(self, config: FdkitConfig) -> SchedulerConfig:
         max_num_batched_tokens = config.engine.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS
-        return SchedulerConfig(config.engine.max_num_seqs, max_num_batched_tokens, self.max_model_len)
+        return SchedulerConfig(
+            config.engine.max_num_seqs,
+            max_num_batched_tokens,
+            self.max_model_len,
+            config.engine.short_prompt_tokens,
+        )
 
     # -- requests ---------------------------------------------------------------------------------
 
@@ -145,7 +150,8 @@ class LLMEngine:
         start = time.perf_counter()
         outputs = self._run(batch)
         if budget is not None:
-            budget.observe(batch.num_decodes, batch.num_prompt_tokens, time.perf_counter() - start)
+            seconds, num_capped = time.perf_counter() - start, batch.num_capped_tokens
+            budget.observe(batch.num_decodes, num_capped, seconds, batch.num_prompt_tokens - num_capped)
         return outputs
 
     def _run(self, batch) -> list[RequestOutput]:

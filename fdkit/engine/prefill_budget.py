@@ -35,10 +35,11 @@ class PrefillBudget:
             return None
         return estimate[0]
 
-    def observe(self, num_decodes: int, num_prompt_tokens: int, seconds: float) -> None:
-        """A step's composition and duration. Steps without decodes are not capped and teach nothing."""
+    def observe(self, num_decodes: int, num_prompt_tokens: int, seconds: float, num_uncapped: int = 0):
+        """A step's composition and duration: its capped prompt tokens, and those of short prompts that
+        were not capped. Steps without decodes, or with uncapped prompts, teach nothing."""
         self._num_steps += 1
-        if not num_decodes:
+        if not num_decodes or num_uncapped:
             return
         decode_s = self.decode_s(num_decodes)
         if not num_prompt_tokens:
