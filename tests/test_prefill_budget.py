@@ -167,3 +167,15 @@ def test_a_step_with_uncapped_prompts_teaches_nothing():
     before = budget.max_prompt_tokens(4)
     budget.observe(4, before, DECODE_S * 20, num_uncapped=100)  # slow because of the short prompts
     assert budget.max_prompt_tokens(4) == before
+
+
+def test_decodes_of_long_sequences_are_never_capped():
+    """A sequence past short_prompt_tokens still decodes every step, whatever the cap (a cap applied to
+    its decode starved 3 of 4 streams next to a long prompt once they passed 256 tokens)."""
+    scheduler = Scheduler(SchedulerConfig(4, 64, 256, short_prompt_tokens=4), BlockManager(64, 4, False))
+    for _ in range(3):
+        scheduler.add(make_seq(6))
+    assert step(scheduler, None) == [6, 6, 6]
+    scheduler.add(make_seq(40))
+    assert step(scheduler, 0) == [1, 1, 1]  # no room for the long prompt; every decode runs
+    assert step(scheduler, 5) == [1, 1, 1, 5]

@@ -32,7 +32,7 @@ class ScheduledBatch:
         self.seqs.append(seq)
         self.num_new_tokens.append(num_new_tokens)
         self.is_decode.append(seq.num_uncomputed_tokens == 1)
-        self.is_capped.append(is_capped and seq.num_uncomputed_tokens > 1)
+        self.is_capped.append(is_capped)
 
     def remove(self, seq: Sequence) -> int:
         index = self.seqs.index(seq)
@@ -98,8 +98,9 @@ class Scheduler:
     def _is_capped(self, batch: ScheduledBatch, seq: Sequence, max_prompt_tokens: int | None) -> bool:
         """A long prompt's chunk next to decodes; a short sequence's prompt goes whole, as vLLM and
         FastDeploy schedule every prompt (held back, short arriving prompts cost 20% of served throughput)."""
+        is_prompt = seq.num_uncomputed_tokens > 1
         is_short = seq.num_tokens <= self.config.short_prompt_tokens
-        return max_prompt_tokens is not None and batch.num_decodes > 0 and not is_short
+        return max_prompt_tokens is not None and batch.num_decodes > 0 and is_prompt and not is_short
 
     def _schedule_running(self, batch: ScheduledBatch, max_prompt_tokens: int | None) -> None:
         for seq in sorted(self.running, key=lambda s: s.num_uncomputed_tokens > 1):
