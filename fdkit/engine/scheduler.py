@@ -88,10 +88,10 @@ class Scheduler:
             self._schedule_waiting(batch, max_prompt_tokens)
         return batch
 
-    def _budget(self, batch: ScheduledBatch, seq: Sequence, max_prompt_tokens: int | None) -> int:
-        """Tokens `seq` may compute in `batch`: what is left of the step's, and of the prompt cap."""
+    def _budget(self, batch: ScheduledBatch, is_capped: bool, max_prompt_tokens: int | None) -> int:
+        """Tokens a sequence may compute in `batch`: what is left of the step's, and of the prompt cap."""
         budget = self.config.max_num_batched_tokens - batch.num_tokens
-        if self._is_capped(batch, seq, max_prompt_tokens):
+        if is_capped:
             budget = min(budget, max_prompt_tokens - batch.num_capped_tokens)
         return budget
 
@@ -104,7 +104,8 @@ class Scheduler:
 
     def _schedule_running(self, batch: ScheduledBatch, max_prompt_tokens: int | None) -> None:
         for seq in sorted(self.running, key=lambda s: s.num_uncomputed_tokens > 1):
-            budget = self._budget(batch, seq, max_prompt_tokens)
+            is_capped = self._is_capped(batch, seq, max_prompt_tokens)
+            budget = self._budget(batch, is_capped, max_prompt_tokens)
             if seq.status != SequenceStatus.RUNNING or budget <= 0:
                 continue
             num_new = min(seq.num_uncomputed_tokens, budget)
@@ -117,12 +118,13 @@ class Scheduler:
                     break
             else:
                 self.block_manager.grow(seq, seq.num_computed_tokens + num_new)
-                batch.add(seq, num_new, self._is_capped(batch, seq, max_prompt_tokens))
+                batch.add(seq, num_new, is_capped)
 
     def _schedule_waiting(self, batch: ScheduledBatch, max_prompt_tokens: int | None) -> None:
         while self.waiting and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            budget = self._budget(batch, seq, max_prompt_tokens)
+            is_capped = self._is_capped(batch, seq, max_prompt_tokens)
+            budget = self._budget(batch, is_capped, max_prompt_tokens)
             cached = self.block_manager.cached_prefix(seq)
             num_computed = len(cached) * self.block_manager.block_size
             num_new = min(seq.num_tokens - num_computed, budget)
@@ -134,7 +136,7 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             self.waiting.popleft()
             self.running.append(seq)
-            batch.add(seq, num_new, self._is_capped(batch, seq, max_prompt_tokens))
+            batch.add(seq, num_new, is_capped)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
