@@ -112,7 +112,9 @@ def test_preempted_part_way_through_a_prompt(tiny_paddle, unchunked):
     """12 blocks of 16 tokens for prompts of up to 300 tokens: chunks of the long prompts are admitted,
     then given back when the KV cache runs out, and recomputed."""
     prompts = [prompt_ids(n) for n in LENGTHS]
-    with chunked_llm(tiny_paddle, num_kv_blocks=20, max_model_len=320) as small:
+    # every prompt held to the stall cap (short_prompt_tokens=0): chunks stay small, so prompts are
+    # part-way when the cache runs out
+    with chunked_llm(tiny_paddle, num_kv_blocks=20, max_model_len=320, short_prompt_tokens=0) as small:
         preempted_mid_prompt = []
         scheduler = small.engine.scheduler
         preempt = scheduler._preempt
