@@ -148,6 +148,12 @@ def pack_linears(model: nn.Layer, packed_linear, bf16: bool) -> None:
             layer.weight = None
 
 
+def held_weight_bytes(model: nn.Layer) -> int:
+    """Bytes of weights a model holds: its parameters, and its linear layers' packed weights."""
+    params = sum(int(p.size) * p.element_size() for p in model.parameters())
+    return params + sum(int(b.size) for name, b in model.named_buffers() if name.endswith("packed"))
+
+
 def _zeros_param(layer: nn.Layer, shape: list[int]) -> paddle.Tensor:
     return layer.create_parameter(shape, default_initializer=nn.initializer.Constant(0.0))
 

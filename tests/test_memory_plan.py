@@ -98,12 +98,13 @@ def test_llm_refuses_before_looking_for_weights(tmp_path):
 def test_weights_are_counted_as_the_model_holds_them(llm):
     """The linear layers hold only their packed weights (fdkit/kernels/linear.cc), float32 here: the
     plan's one float32 copy of every parameter (a tied LM head keeps its own copy) is the bytes held."""
+    from fdkit.parallel import held_weight_bytes
+
     model = llm.engine.runner.model
-    params = sum(int(p.size) for p in model.parameters()) * 4
-    packed = sum(int(b.size) for name, b in model.named_buffers() if name.endswith("packed"))
-    assert packed > params  # the linear layers are most of the model
+    held = held_weight_bytes(model)
+    assert held > 2 * sum(int(p.size) * 4 for p in model.parameters())  # packed layers: most of the model
     assert llm.memory_plan.num_weight_copies == 1
-    assert llm.memory_plan.weight_bytes == 4 * llm.memory_plan.model.num_parameters == params + packed
+    assert llm.memory_plan.weight_bytes == 4 * llm.memory_plan.model.num_parameters == held
     assert llm.engine.block_manager.num_blocks == TEST_ENGINE["num_kv_blocks"]  # tests' small engines
 
 

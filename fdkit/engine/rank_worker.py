@@ -140,9 +140,10 @@ def _init_process_group(
 
 
 def _parameter_count(model) -> int:
-    """Weights held, in float32 elements: parameters, and linear layers' packed bytes (fdkit.parallel)."""
-    packed = sum(int(b.size) for name, b in model.named_buffers() if name.endswith("packed"))
-    return sum(int(p.size) for p in model.parameters()) + packed // 4
+    """Weights held, in float32 elements (packed linear weights included)."""
+    from fdkit.parallel import held_weight_bytes
+
+    return held_weight_bytes(model) // 4
 
 
 def _serve_peer(config: FdkitConfig, model_path: Path, conn: Connection) -> None:
