@@ -60,7 +60,8 @@ MAX_PROGRAM_ROWS = 256
 
 class CompiledModel:
     """`has_programs=False`: the linear layers run fdkit's packed oneDNN kernel (`fdkit.parallel.
-    pack_linears`), the rest of the model in dygraph, and only prompt attention runs as a program.
+    pack_linears`), the rest of the model in dygraph; prompt attention runs as a program only without
+    fdkit's attention kernel (`engine.attention_kernel=false`, or no compiler).
     `keeps_dygraph_weights=False`: one-row float32 steps run the programs too, which hold the only copy."""
 
     def __init__(
@@ -83,7 +84,7 @@ class CompiledModel:
         self.predictors = {}
         if has_programs:
             self.predictors = self._build(self._fused_programs() if self.is_fused else self._split_programs())
-        self.attention = self._attention_predictor()
+        self.attention = None  # built on first use: fdkit's attention kernel leaves it unused
         logger.info(
             "compiled step: %d programs (%s) in %.1f s, cache %s",
             len(self.predictors),
@@ -153,6 +154,8 @@ class CompiledModel:
 
     def softmax_attention(self, q, keys, values, mask) -> paddle.Tensor:
         """A prompt's full query block (`fdkit.models.prompt_attention`) through the attention program."""
+        if self.attention is None:
+            self.attention = self._attention_predictor()
         (out,) = self.attention.run([q, keys, values, mask])
         self._restore_threads()
         return out

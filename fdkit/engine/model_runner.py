@@ -113,7 +113,8 @@ class ModelRunner:
             keep_freed_memory()
         self.paged_attention = None  # paddle's ops
         if is_cpu and engine_cfg.attention_kernel:
-            self.paged_attention = paged_attention(engine_cfg.compile_cache_dir, self.threads)
+            bf16 = self.is_compiled and engine_cfg.dtype == "bfloat16"
+            self.paged_attention = paged_attention(engine_cfg.compile_cache_dir, self.threads, bf16)
 
     def _pack_linears(self) -> bool:
         """The linear layers' weights packed for oneDNN (fdkit/kernels/linear.cc); False where the kernel

@@ -22,24 +22,24 @@ from fdkit.engine.memory import cpu_flags
 logger = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "paged_attention.cc"]
+SOURCES = [HERE / "paged_attention.cc", HERE / "attention_tiles.h"]
 ONEDNN_SOURCES = [HERE / "linear.cc", HERE / "dnnl_api.h"]  # built where paddle ships oneDNN's library
 ONEDNN_LIBRARY = "libdnnl.so.3"
 CXX_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
 _loaded: dict[str, ModuleType] = {}  # by key: paddle registers a library's operators once per process
 
 
-def paged_attention(root: str | None, num_threads: int) -> Callable | None:
-    """The in-place paged attention of few queries per row (`paged_attention.cc`): `(q, k_cache,
-    v_cache, key_slots, query_rows, num_keys, kv_heads, num_kv_heads, scale) -> [tokens, heads * d]`;
-    None where it cannot be built."""
+def paged_attention(root: str | None, num_threads: int, bf16: bool = False) -> Callable | None:
+    """Attention over the paged cache in place (`paged_attention.cc`): `(q, k_cache, v_cache, key_slots,
+    query_rows, num_keys, kv_heads, num_kv_heads, scale) -> [tokens, heads * d]`; with `bf16`, prompt
+    blocks multiply in bf16 where the CPU has avx512_bf16. None where it cannot be built."""
     module = load_kernels(root)
     if module is None:
         return None
     op = module.fdkit_paged_attention
 
     def attend(*args):
-        return op(*args, num_threads)
+        return op(*args, bf16, num_threads)
 
     return attend
 

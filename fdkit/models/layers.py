@@ -67,7 +67,6 @@ class InterleavedRotaryEmbedding(nn.Layer):
 
 
 KEY_CHUNK_SCORES = 1 << 22  # attention scores held at once per group and layer (16 MB in float32)
-MAX_IN_PLACE_QUERIES = 8  # rows of at most this many new tokens attend with `AttentionBatch.paged_attention`
 
 
 @dataclass
@@ -127,8 +126,8 @@ class AttentionBatch:
     groups: list[AttentionGroup]
     last_token_index: paddle.Tensor  # the tokens whose logits are needed
     block_size: int = 1  # key chunks are whole blocks
-    softmax_attention: Callable = softmax_attention  # a prompt's full query blocks
-    paged_attention: Callable | None = None  # few queries a row, over the cache in place (fdkit.kernels)
+    softmax_attention: Callable = softmax_attention  # a prompt's full query blocks (without paged_attention)
+    paged_attention: Callable | None = None  # every row over the cache in place (fdkit.kernels)
 
     @classmethod
     def causal(cls, num_rows: int, length: int, last_token_index: paddle.Tensor) -> AttentionBatch:
@@ -188,7 +187,7 @@ class PagedAttention(nn.Layer):
         return paddle.concat(outs)
 
     def _attend(self, q, kv_source, group: AttentionGroup, batch: AttentionBatch) -> paddle.Tensor:
-        if group.key_slots is not None and batch.paged_attention and group.query_len <= MAX_IN_PLACE_QUERIES:
+        if group.key_slots is not None and batch.paged_attention:
             rows, num_keys = group.token_rows()
             args = (group.key_slots, rows, num_keys, self.read_heads, self.num_kv_heads, self.scale)
             return batch.paged_attention(q, *kv_source, *args)

@@ -1,6 +1,8 @@
-"""A prompt chunk's attention: each sequence's new tokens in blocks of queries, each block over the keys
-up to its last position in one softmax, causal inside the block by a mask. A block reads no key after
-it, and its scores are bounded by PROMPT_BLOCK_SCORES whatever the context length.
+"""A prompt chunk's attention in paddle's ops, where fdkit's attention kernel (`fdkit.kernels`, which
+reads the cache in place for every row) is off or cannot be built: each sequence's new tokens in
+blocks of queries, each block over the keys up to its last position in one softmax, causal inside the
+block by a mask. A block reads no key after it, and its scores are bounded by PROMPT_BLOCK_SCORES
+whatever the context length.
 
 Full blocks (as many queries as fit the score budget) run `batch.softmax_attention`: a oneDNN program
 in the compiled step (`fdkit.engine.compiled`), 2x faster than dygraph. A predictor keeps memory for
