@@ -39,8 +39,8 @@ class EngineConfig:
     dtype: str = "float32"  # "bfloat16": on CPU compiled, with avx512_bf16 or AMX; "float16": GPU only
     compile: bool = True  # CPU: dense parts run as Paddle Inference programs (oneDNN); False: dygraph
     compile_cache_dir: str | None = "~/.cache/fdkit/compiled"  # compiled programs kept; None: none kept
-    # CPU: decodes and small prompt chunks attend with fdkit's C++ kernel (fdkit/kernels, built on first
-    # use into compile_cache_dir), reading the paged cache in place; False: paddle's ops
+    # CPU: attention runs fdkit's C++ kernel (fdkit/kernels, built on first use into compile_cache_dir),
+    # reading the paged cache in place, and so do norms, RoPE, SiLU and cache writes; False: paddle's ops
     attention_kernel: bool = True
     # CPU, with compile: linear layers run oneDNN's matmul on weights packed at load (kernels/linear.cc),
     # the rest in dygraph; False (or no compiler): the dense parts run as Paddle Inference programs

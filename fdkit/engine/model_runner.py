@@ -18,9 +18,9 @@ from fdkit.engine.compile_cache import CompileCache, model_signature, source_sig
 from fdkit.engine.compiled import CompiledModel
 from fdkit.engine.memory import DTYPE_BYTES, dygraph_dtype, is_compiled
 from fdkit.engine.sequence import Sequence
-from fdkit.kernels import packed_linear, paged_attention
+from fdkit.kernels import fused_ops, packed_linear, paged_attention
 from fdkit.models import model_module
-from fdkit.models.layers import AttentionBatch, AttentionGroup
+from fdkit.models.layers import AttentionBatch, AttentionGroup, use_fused_ops
 from fdkit.models.loader import load_weights
 from fdkit.models.prompt_attention import MaskBuffer
 from fdkit.parallel import get_parallel_state, pack_linears, set_expert_parallel
@@ -115,6 +115,8 @@ class ModelRunner:
         if is_cpu and engine_cfg.attention_kernel:
             bf16 = self.is_compiled and engine_cfg.dtype == "bfloat16"
             self.paged_attention = paged_attention(engine_cfg.compile_cache_dir, self.threads, bf16)
+            if not (self.compiled and self.compiled.predictors):  # no program traces the model
+                use_fused_ops(self.model, fused_ops(engine_cfg.compile_cache_dir, self.threads))
 
     def _pack_linears(self) -> bool:
         """The linear layers' weights packed for oneDNN (fdkit/kernels/linear.cc); False where the kernel

@@ -22,7 +22,7 @@ from fdkit.engine.memory import cpu_flags
 logger = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "paged_attention.cc", HERE / "attention_tiles.h"]
+SOURCES = [HERE / "paged_attention.cc", HERE / "attention_tiles.h", HERE / "ops.cc"]
 ONEDNN_SOURCES = [HERE / "linear.cc", HERE / "dnnl_api.h"]  # built where paddle ships oneDNN's library
 ONEDNN_LIBRARY = "libdnnl.so.3"
 CXX_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
@@ -42,6 +42,33 @@ def paged_attention(root: str | None, num_threads: int, bf16: bool = False) -> C
         return op(*args, bf16, num_threads)
 
     return attend
+
+
+class FusedOps:
+    """The small ops around the matmuls and attention, one C++ call each (`ops.cc`), float32."""
+
+    def __init__(self, module: ModuleType, num_threads: int):
+        self.module, self.num_threads = module, num_threads
+
+    def rms_norm(self, x: paddle.Tensor, weight: paddle.Tensor, eps: float) -> paddle.Tensor:
+        return self.module.fdkit_rms_norm(x, weight, eps, self.num_threads)
+
+    def split_rotate(self, qkv, cos, sin, num_heads: int, num_kv_heads: int) -> list[paddle.Tensor]:
+        """q [tokens, heads, d], k and v [tokens, kv_heads, d] of a QKV projection, q and k rotated."""
+        return self.module.fdkit_split_rotate(qkv, cos, sin, num_heads, num_kv_heads, self.num_threads)
+
+    def silu_mul(self, gate_up: paddle.Tensor) -> paddle.Tensor:
+        return self.module.fdkit_silu_mul(gate_up, self.num_threads)
+
+    def write_cache(self, k_cache, v_cache, k, v, slot_mapping) -> None:
+        """k, v [tokens, kv_heads, d] into the head-major caches at `slot_mapping`, in place."""
+        self.module.fdkit_write_cache(k_cache, v_cache, k, v, slot_mapping)
+
+
+def fused_ops(root: str | None, num_threads: int) -> FusedOps | None:
+    """None where the kernels cannot be built."""
+    module = load_kernels(root)
+    return None if module is None else FusedOps(module, num_threads)
 
 
 class PackedLinear:

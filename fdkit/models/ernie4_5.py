@@ -6,11 +6,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import paddle
-import paddle.nn.functional as F
 from paddle import nn
 
 from fdkit.checkpoint import CheckpointError, TensorRule, parameter_name
-from fdkit.models.layers import AttentionBatch, InterleavedRotaryEmbedding, PagedAttention, RMSNorm
+from fdkit.models.layers import (
+    AttentionBatch,
+    InterleavedRotaryEmbedding,
+    PagedAttention,
+    RMSNorm,
+    SiluAndMul,
+)
 from fdkit.parallel import (
     ColumnParallelLinear,
     OutputParallelLinear,
@@ -106,12 +111,7 @@ class Ernie4_5Attention(nn.Layer):
 
     def project(self, rope, hidden) -> tuple[paddle.Tensor, paddle.Tensor, paddle.Tensor]:
         """Queries [tokens, heads, d] and keys, values [tokens, kv_heads, d], rotated."""
-        q, k, v = paddle.split(self.qkv_proj(hidden), self.qkv_proj.out_sizes, axis=-1)
-        head_dim = self.attn.head_dim
-        q = q.reshape([-1, self.num_heads, head_dim])
-        k = k.reshape([-1, self.num_kv_heads, head_dim])
-        q, k = self.rotary(rope, q, k)
-        return q, k, v.reshape([-1, self.num_kv_heads, head_dim])
+        return self.rotary.split_rotate(rope, self.qkv_proj(hidden), self.num_heads, self.num_kv_heads)
 
     def forward(self, rope, hidden, kv_cache, batch: AttentionBatch) -> paddle.Tensor:
         return self.o_proj(self.attn(*self.project(rope, hidden), *kv_cache, batch))
@@ -127,10 +127,10 @@ class Ernie4_5MLP(nn.Layer):
         super().__init__()
         self.up_gate_proj = ColumnParallelLinear(hidden_size, [intermediate_size] * 2, is_split)  # gate, up
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, is_split, is_reduced)
+        self.act = SiluAndMul()
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        gate, up = self.up_gate_proj(x).chunk(2, axis=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.act(self.up_gate_proj(x)))
 
 
 class Ernie4_5DecoderLayer(nn.Layer):
