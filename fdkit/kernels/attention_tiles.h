@@ -14,6 +14,19 @@
 #include <cstring>
 #include <vector>
 
+// The next tile's keys and values into the cache while this one computes: with few query vectors (a
+// decode, a small chunk at a long context) the loads otherwise waited on memory (12.7 GB/s at 16k keys).
+inline void PrefetchRows(const float* k_cache, const float* v_cache, const int64_t* slots, int64_t kv_row0,
+                         int64_t num_keys, int64_t d) {
+  for (int64_t j = 0; j < num_keys; ++j) {
+    const int64_t row = (kv_row0 + slots[j]) * d;
+    for (int64_t c = 0; c < d; c += 16) {  // a 64-byte line
+      __builtin_prefetch(k_cache + row + c);
+      __builtin_prefetch(v_cache + row + c);
+    }
+  }
+}
+
 #if defined(__AVX512F__)
 #define FDKIT_TILED_ATTENTION 1
 
@@ -265,6 +278,7 @@ void RunTiles(const float* const* qv, const int64_t* limits, int64_t nq, int64_t
       keys[j] = k_cache + row * d;
       values[j] = v_cache + row * d;
     }
+    PrefetchRows(k_cache, v_cache, slots + start + num_keys, kv_row0, std::min(kKeys, last - start - num_keys), d);
     ScoreTile<kBf16, NV>(b, keys, num_keys);
     Softmax<NV>(b, start, num_keys);
     ValueTile<kBf16, NV>(b, values, num_keys);

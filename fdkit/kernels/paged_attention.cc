@@ -65,6 +65,7 @@ void RunItem(const Item& it, const float* q, const float* k_cache, const float* 
   std::vector<float> scores(nq * kTile);
   for (int64_t start = it.key_begin; start < it.key_end; start += kTile) {
     const int64_t end = std::min(start + kTile, it.key_end);
+    PrefetchRows(k_cache, v_cache, slots + end, kv_row0, std::min(kTile, it.key_end - end), head_dim);
     for (int64_t j = start; j < end; ++j) {
       const float* key = k_cache + (kv_row0 + slots[j]) * head_dim;
       for (int64_t v = 0; v < nq; ++v)
