@@ -16,13 +16,13 @@ from fdkit.parallel import assign, held_experts
 
 
 class RMSNorm(nn.Layer):
+    fused_ops = None  # fdkit.kernels.FusedOps, set by use_fused_ops
+
     def __init__(self, hidden_size: int, eps: float):
         super().__init__()
         # sum x 1/n, not mean: oneDNN's mean in a compiled program prints a debug line to stdout
         self.eps, self.inv_size = eps, 1.0 / hidden_size
         self.weight = self.create_parameter([hidden_size], default_initializer=nn.initializer.Constant(1.0))
-
-    fused_ops = None  # fdkit.kernels.FusedOps, set by use_fused_ops
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         if self.fused_ops is not None and x.dtype == paddle.float32:
@@ -43,6 +43,8 @@ class InterleavedRotaryEmbedding(nn.Layer):
     small matmul. cos/sin are computed for a step's positions (no table: 128 MB at 131072 positions).
     """
 
+    fused_ops = None  # fdkit.kernels.FusedOps, set by use_fused_ops
+
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
         inv_freq = 1.0 / (theta ** (paddle.arange(0, head_dim, 2, dtype="float32") / head_dim))
@@ -51,8 +53,6 @@ class InterleavedRotaryEmbedding(nn.Layer):
         swap[np.arange(1, head_dim, 2), np.arange(0, head_dim, 2)] = -1.0
         swap[np.arange(0, head_dim, 2), np.arange(1, head_dim, 2)] = 1.0
         self.register_buffer("swap", paddle.to_tensor(swap), persistable=False)
-
-    fused_ops = None  # fdkit.kernels.FusedOps, set by use_fused_ops
 
     def split_rotate(
         self, rope, qkv: paddle.Tensor, num_heads: int, num_kv_heads: int
@@ -185,6 +185,8 @@ class PagedAttention(nn.Layer):
     otherwise each query head's keys and values are gathered first.
     """
 
+    fused_ops = None  # fdkit.kernels.FusedOps, set by use_fused_ops
+
     def __init__(
         self, num_heads: int, num_kv_heads: int, head_dim: int, kv_head_index: Sequence[int] | None = None
     ):
@@ -199,8 +201,6 @@ class PagedAttention(nn.Layer):
             index = paddle.to_tensor(list(kv_head_index), dtype="int64")
             self.register_buffer("kv_head_index", index, persistable=False)
             self.num_groups = num_heads
-
-    fused_ops = None  # fdkit.kernels.FusedOps, set by use_fused_ops
 
     @property
     def read_heads(self) -> paddle.Tensor:
