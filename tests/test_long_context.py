@@ -46,20 +46,31 @@ def test_chunked_prefill_logits_equal_whole_prompt(llm, length):
         np.testing.assert_allclose(prefill_logits(llm, ids, chunk), whole, atol=1e-4, rtol=0)
 
 
-def test_attention_over_many_key_chunks_equals_one(llm, monkeypatch):
+@pytest.fixture(scope="module")
+def paddle_ops(tiny_paddle):
+    """Attention in paddle's ops (`engine.attention_kernel=false`, as without a compiler): the path with
+    key chunks and query blocks. fdkit's kernel is held to a numpy reference in test_attention_kernel."""
+    with LLM(tiny_paddle, **TEST_ENGINE, attention_kernel=False) as engine:
+        assert engine.engine.runner.paged_attention is None
+        yield engine
+
+
+def test_attention_over_many_key_chunks_equals_one(paddle_ops, llm, monkeypatch):
     """With a tiny score budget every block is its own key chunk: the online softmax folds them all."""
     ids = prompt_ids(300)
-    whole = prefill_logits(llm, ids, 300)
-    decoded = prefill_logits(llm, ids, 1)
+    whole = prefill_logits(paddle_ops, ids, 300)
+    decoded = prefill_logits(paddle_ops, ids, 1)
+    np.testing.assert_allclose(whole, prefill_logits(llm, ids, 300), atol=1e-4, rtol=0)  # and the kernel's
     monkeypatch.setattr(layers, "KEY_CHUNK_SCORES", 1)
-    np.testing.assert_allclose(prefill_logits(llm, ids, 300), whole, atol=1e-4, rtol=0)
-    np.testing.assert_allclose(prefill_logits(llm, ids, 1), decoded, atol=1e-4, rtol=0)
-    np.testing.assert_allclose(prefill_logits(llm, ids, CHUNK), whole, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(prefill_logits(paddle_ops, ids, 300), whole, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(prefill_logits(paddle_ops, ids, 1), decoded, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(prefill_logits(paddle_ops, ids, CHUNK), whole, atol=1e-4, rtol=0)
 
 
-def test_prompt_attention_in_many_query_blocks_equals_one(llm, monkeypatch):
+def test_prompt_attention_in_many_query_blocks_equals_one(paddle_ops, monkeypatch):
     """With a tiny score budget each of a prompt's queries is its own block (its own key count, its own
     padding and mask): the logits do not move."""
+    llm = paddle_ops
     ids = prompt_ids(300)
     whole = prefill_logits(llm, ids, 300)
     monkeypatch.setattr(prompt_attention, "PROMPT_BLOCK_SCORES", 1)
