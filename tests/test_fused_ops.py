@@ -13,7 +13,7 @@ from fdkit.models.layers import RMSNorm, SiluAndMul
 from tests.helpers import TEST_COMPILE_CACHE, TEST_ENGINE
 from tests.test_compiled import batch_logits, last_logits
 
-ROWS = [1, 700]  # a decode step's row; enough elements to split among threads
+ROWS = [1, 1000]  # a decode step's row; enough elements (>= 2^16) to split among threads
 
 
 @pytest.fixture(scope="module")
