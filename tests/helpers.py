@@ -1,7 +1,12 @@
-"""Shared test settings (importable from every test: pyproject puts tests/ on pytest's pythonpath)."""
+"""Shared test settings and helpers (importable from every test: tests/ is on pytest's pythonpath)."""
 
 import tempfile
 from pathlib import Path
+
+import numpy as np
+
+from fdkit import SamplingParams
+from fdkit.engine.sequence import Sequence
 
 # Small engines for tests: a few MiB of KV cache instead of the default budget.
 # compiled programs in one folder of the temp dir shared by the session (not the user's ~/.cache)
@@ -14,3 +19,25 @@ TEST_ENGINE = dict(
     show_progress=False,
     compile_cache_dir=TEST_COMPILE_CACHE,
 )
+
+
+def last_logits(llm, token_ids: list[int]) -> np.ndarray:
+    """Logits after the last token of `token_ids`, prefilled in one forward pass."""
+    seq = Sequence(token_ids, SamplingParams())
+    llm.engine.block_manager.grow(seq, len(token_ids))
+    try:
+        return llm.engine.runner.forward([seq], [len(token_ids)]).numpy()[0]
+    finally:
+        llm.engine.block_manager.deallocate(seq)
+
+
+def batch_logits(llm, prompts: list[list[int]]) -> np.ndarray:
+    """One step over several prompts at once (prompt chunks and a one-token row in one batch)."""
+    seqs = [Sequence(ids, SamplingParams()) for ids in prompts]
+    for seq in seqs:
+        llm.engine.block_manager.grow(seq, seq.num_tokens)
+    try:
+        return llm.engine.runner.forward(seqs, [seq.num_tokens for seq in seqs]).numpy()
+    finally:
+        for seq in seqs:
+            llm.engine.block_manager.deallocate(seq)

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import TEST_ENGINE
+from helpers import TEST_ENGINE, batch_logits, last_logits
 
 from fdkit import LLM, SamplingParams
 from fdkit.engine.compiled import bucket
 from fdkit.engine.memory import PlanError, cpu_has_bfloat16
-from fdkit.engine.sequence import Sequence
 
 PROMPTS = ["The model answers 1234+5678 and 你好世界。", "hello there " * 30, "x", "计算 37 加 91"]
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
@@ -55,28 +54,6 @@ def packed_bf16(tiny_pt, tmp_path_factory):
 
 
 STEPS = ["compiled", "packed"]  # the two compiled steps
-
-
-def last_logits(llm: LLM, token_ids: list[int]) -> np.ndarray:
-    """Logits after the last token of `token_ids`, prefilled in one forward pass."""
-    seq = Sequence(token_ids, SamplingParams())
-    llm.engine.block_manager.grow(seq, len(token_ids))
-    try:
-        return llm.engine.runner.forward([seq], [len(token_ids)]).numpy()[0]
-    finally:
-        llm.engine.block_manager.deallocate(seq)
-
-
-def batch_logits(llm: LLM, prompts: list[list[int]]) -> np.ndarray:
-    """One step over several prompts at once (prompt chunks and a one-token row in one batch)."""
-    seqs = [Sequence(ids, SamplingParams()) for ids in prompts]
-    for seq in seqs:
-        llm.engine.block_manager.grow(seq, seq.num_tokens)
-    try:
-        return llm.engine.runner.forward(seqs, [seq.num_tokens for seq in seqs]).numpy()
-    finally:
-        for seq in seqs:
-            llm.engine.block_manager.deallocate(seq)
 
 
 def test_compile_switch(dygraph, compiled, packed):

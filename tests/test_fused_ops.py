@@ -6,12 +6,11 @@ from __future__ import annotations
 import numpy as np
 import paddle
 import pytest
+from helpers import TEST_COMPILE_CACHE, TEST_ENGINE, batch_logits, last_logits
 
 import fdkit.kernels as kernels
 from fdkit import LLM
 from fdkit.models.layers import RMSNorm, SiluAndMul
-from tests.helpers import TEST_COMPILE_CACHE, TEST_ENGINE
-from tests.test_compiled import batch_logits, last_logits
 
 ROWS = [1, 1000]  # a decode step's row; enough elements (>= 2^16) to split among threads
 

@@ -2,7 +2,7 @@
 // over keys read in place from the paged cache, for paged_attention.cc. The query vectors sit in the SIMD
 // lanes: scores are kept transposed, [key][vector], so each key's element is broadcast against 16 vectors
 // at once (no horizontal sums), and the online softmax's max, sum and rescale run across lanes. Each step
-// of the inner loops is a register block of 4 rows (keys or head dims) by up to 4 vectors of 16 lanes.
+// of the inner loops is a register block of 6 rows (keys or head dims) by up to 4 vectors of 16 lanes.
 // In bf16 the vectors, keys, probabilities and values are rounded to bf16 in pairs for vdpbf16ps (sums in
 // float32); the cache stays float32.
 #pragma once
@@ -61,7 +61,7 @@ struct Block {
   std::vector<float> qt, out, max, sum, scores;  // scores: [kKeys][num_vectors], then probabilities
   std::vector<int32_t> limit;                    // keys each vector sees: [0, limit)
   std::vector<uint16_t> q_pairs, key_tile, value_pairs, prob_pairs;  // bf16 only
-  std::vector<float> zeros;
+  std::vector<float> zeros;                                          // bf16: an odd tile's last pair
 };
 
 // Rounds rows a and b (16 floats each) to bf16 and interleaves them: a0 b0 a1 b1 ... (32 bf16).
