@@ -1,6 +1,9 @@
-"""Writes a random-weight ERNIE 4.5 checkpoint in the published format, with a SentencePiece tokenizer.
+"""Writes a random-weight ERNIE 4.5 checkpoint in the published format, with its tokenizer.
 
-    python -m fdkit.tiny OUT [--preset NAME] [--layout paddle|pt] [--seed N]
+The tokenizer is a SentencePiece tokenizer.model, or with `--tokenizer json` the same one as a Hugging
+Face tokenizer.json (as transformers 5 saves it).
+
+    python -m fdkit.tiny OUT [--preset NAME] [--layout paddle|pt] [--seed N] [--tokenizer sentencepiece|json]
 
 Presets: `tiny`, `tiny-moe` and `tiny-20h` load in well under a second (tests); `0.3b` has
 ERNIE-4.5-0.3B's dimensions, `small-moe` ERNIE-4.5-21B-A3B's proportions at a size this machine runs
@@ -19,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers
 
 from fdkit.checkpoint import parameter_name, save_checkpoint, staged_folder
 from fdkit.models import ernie4_5, ernie4_5_moe, model_module
@@ -213,6 +218,34 @@ def model_config(cfg: dict, layout: str) -> dict:
     }
 
 
+def tokenizers_json(sp: spm.SentencePieceProcessor) -> tokenizers.Tokenizer:
+    """The same tokenizer as a Hugging Face BPE (what transformers 5 saves as tokenizer.json): the pieces
+    as its vocabulary, each piece's merges ranked by the piece's id, bytes by fallback, control and
+    user-defined pieces and ADDED_TOKENS as added tokens (the control ones special)."""
+    num_pieces = sp.get_piece_size()
+    vocab = {sp.id_to_piece(i): i for i in range(num_pieces)}
+    merges = []
+    for i in range(num_pieces):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i) or sp.id_to_piece(i) in USER_SYMBOLS:
+            continue
+        piece = sp.id_to_piece(i)
+        pairs = [(piece[:k], piece[k:]) for k in range(1, len(piece))]
+        pairs = [(a, b) for a, b in pairs if a in vocab and b in vocab]
+        merges += [(i, vocab[a], vocab[b], a, b) for a, b in pairs]
+    merges = [(a, b) for *_, a, b in sorted(merges)]
+    unk = sp.id_to_piece(sp.unk_id())
+    tk = tokenizers.Tokenizer(models.BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never", split=False)
+    tk.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    controls = [i for i in range(num_pieces) if sp.is_control(i) or sp.is_unknown(i)]
+    tk.add_special_tokens([tokenizers.AddedToken(sp.id_to_piece(i), special=True) for i in controls])
+    tk.add_tokens([tokenizers.AddedToken(t, special=False, normalized=False) for t in USER_SYMBOLS])
+    tk.add_tokens([tokenizers.AddedToken(t, special=False, normalized=False) for t in ADDED_TOKENS])
+    return tk
+
+
 def tokenizer_files(
     out: Path,
     sp: spm.SentencePieceProcessor,
@@ -245,12 +278,23 @@ def tokenizer_files(
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
 
 
-def write_checkpoint(out: str | Path, preset: str = "tiny", layout: str = "paddle", seed: int = 0) -> Path:
-    """Writes the checkpoint into `out`, replacing what is there (in one rename: never half-written)."""
+def write_checkpoint(
+    out: str | Path,
+    preset: str = "tiny",
+    layout: str = "paddle",
+    seed: int = 0,
+    tokenizer: str = "sentencepiece",
+) -> Path:
+    """Writes the checkpoint into `out`, replacing what is there (in one rename: never half-written).
+    `tokenizer="json"` writes the same tokenizer as tokenizer.json instead of tokenizer.model."""
     _check_choices(preset, layout)
     out = Path(out)
     with staged_folder(out) as staging:
         _write(staging, preset, layout, seed)
+        if tokenizer == "json":
+            sp = spm.SentencePieceProcessor(model_file=str(staging / "tokenizer.model"))
+            tokenizers_json(sp).save(str(staging / "tokenizer.json"))
+            (staging / "tokenizer.model").unlink()
     return out
 
 
@@ -294,8 +338,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", choices=list(PRESETS), default="tiny")
     parser.add_argument("--layout", choices=list(ernie4_5.LAYOUT_ARCHITECTURES), default="paddle")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tokenizer", choices=["sentencepiece", "json"], default="sentencepiece")
     args = parser.parse_args(argv)
-    print(write_checkpoint(args.out, args.preset, args.layout, args.seed))
+    print(write_checkpoint(args.out, args.preset, args.layout, args.seed, args.tokenizer))
 
 
 if __name__ == "__main__":

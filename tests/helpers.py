@@ -1,5 +1,6 @@
 """Shared test settings and helpers (importable from every test: tests/ is on pytest's pythonpath)."""
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -41,3 +42,23 @@ def batch_logits(llm, prompts: list[list[int]]) -> np.ndarray:
     finally:
         for seq in seqs:
             llm.engine.block_manager.deallocate(seq)
+
+
+def word_level_folder(folder: Path, num_words: int) -> None:
+    """A checkpoint folder's tokenizer files as make_random_model.py (the vLLM peer's model) writes them:
+    a WordLevel tokenizer.json, one token per word, and chat_template.jinja."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{f"w{i}": i for i in range(4, num_words)}}
+    tk = HFTokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    tk.add_special_tokens(["<pad>", "<s>", "</s>", "<unk>"])
+    tk.save(str(folder / "tokenizer.json"))
+    config = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    template = (
+        "{{ bos_token }}{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}assistant "
+    )
+    (folder / "chat_template.jinja").write_text(template)

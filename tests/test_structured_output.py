@@ -441,3 +441,35 @@ def test_tool_choice_none_never_lets_the_tag_be_written(tiny_paddle):
 def test_tool_choice_none_answers_without_calls(guided_server):
     results = run_all(guided_server, chat_bodies(tools=TOOLS, tool_choice="none", max_tokens=30)[:10])
     assert all(r["calls"] == [] and r["finish_reason"] in ("stop", "length") for r in results)
+
+
+def test_a_tokenizer_llguidance_cannot_read(tiny_pt, tmp_path):
+    """A WordLevel tokenizer.json (the vLLM peer's random model has one): guided requests get a 400 in
+    OpenAI's envelope that says why; the same server goes on serving plain requests."""
+    import shutil
+
+    from helpers import word_level_folder
+    from server_utils import launch
+
+    folder = tmp_path / "words"
+    shutil.copytree(tiny_pt, folder)
+    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"):
+        (folder / name).unlink()
+    word_level_folder(folder, 1024)
+    srv = launch(folder, tmp_path / "server.log")
+    try:
+        messages = [{"role": "user", "content": "w10 w11 w12"}]
+        body = {"messages": messages, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+        for extra in ({"guided_json": PERSON}, {"response_format": {"type": "json_object"}}):
+            r = httpx.post(srv.base_url + CHAT, json={**body, **extra}, timeout=60)
+            assert r.status_code == 400, r.text
+            assert (
+                "guided decoding does not support this model's tokenizer.json" in r.json()["error"]["message"]
+            )
+        r = httpx.post(srv.base_url + CHAT, json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        content = r.json()["choices"][0]["message"]["content"]
+        assert re.fullmatch(r"w\d+( w\d+){7}", content), content
+        assert r.json()["usage"]["prompt_tokens"] == 6  # <s> user w10 w11 w12 assistant
+    finally:
+        srv.stop()

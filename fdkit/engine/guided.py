@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fdkit.engine.sequence import Sequence
+from fdkit.tokenizer import TokenizersVocab
 
 logger = logging.getLogger(__name__)
 SPECIAL_PREFIX = b"\xff"  # llguidance's mark of a special token: grammars never match it as text
@@ -27,7 +28,7 @@ def token_bytes(tokenizer, vocab_size: int) -> list[bytes]:
     """Each id's bytes as our tokenizer decodes it: SentencePiece pieces with `▁` as a space and byte
     pieces as their byte, added tokens as their text (atomic), special and control tokens marked special;
     ids the tokenizer does not have (the model's padding) are empty and never allowed."""
-    sp = tokenizer.sp
+    sp = tokenizer.vocab.sp
     table = [b""] * vocab_size
     for i in range(min(sp.get_piece_size(), vocab_size)):
         piece = sp.id_to_piece(i)
@@ -60,9 +61,17 @@ class _TokenSource:
 
 
 def build_lltokenizer(tokenizer, vocab_size: int, eos_token_ids: list[int]):
-    """llguidance's view of our SentencePiece tokenizer (special and added tokens atomic)."""
+    """llguidance's view of our tokenizer (special and added tokens atomic). A `tokenizer.json` is read by
+    llguidance itself; ValueError if it cannot read it (e.g. a WordPiece decoder), so guided requests get
+    a 400 while the model serves everything else."""
     import llguidance
 
+    if isinstance(tokenizer.vocab, TokenizersVocab):
+        eos = list(eos_token_ids) or [tokenizer.eos_token_id]
+        try:
+            return llguidance.LLTokenizer(tokenizer.vocab.json, n_vocab=vocab_size, eos_token=eos)
+        except (ValueError, RuntimeError) as e:
+            raise ValueError(f"guided decoding does not support this model's tokenizer.json: {e}") from None
     source = _TokenSource(tokenizer, vocab_size, eos_token_ids)
     eos = list(eos_token_ids) or [source.eos_token_id]
     return llguidance.LLTokenizer(llguidance.TokenizerWrapper(source), eos_token=eos)
