@@ -36,11 +36,15 @@ def test_deltas_carry_only_what_is_new_and_rebuild_every_output():
     encoder, decoder = DeltaEncoder(), DeltaDecoder()
     seq = Sequence([1, 2], SamplingParams())
     seq.prompt = "hi"
-    for out in outputs_of_one_request(50):
+    outputs = outputs_of_one_request(50)
+    outputs[-1].text = outputs[-2].text[:-5] + "stop"  # the engine cut its text at a stop string
+    for out in outputs:
         delta = encoder.encode(out)
         assert len(delta.new_token_ids) == 1 and len(delta.new_logprobs) == 1
+        assert len(delta.new_text) == (4 if out.finished else 1)
         assert decoder.decode(delta, seq) == out
-    assert not encoder._num_sent and not decoder._token_ids  # nothing kept after the finish
+    assert not encoder._num_sent and not encoder._texts  # nothing kept after the finish
+    assert not decoder._token_ids and not decoder._texts
 
 
 def test_api_keys_are_not_on_a_rank_command_line(tiny_paddle):
@@ -69,3 +73,34 @@ def test_a_checkpoint_that_cannot_load_is_one_line(tiny_paddle, tmp_path):
     assert out.returncode == 1
     assert "cannot start:" in out.stderr + out.stdout and "shape" in out.stderr + out.stdout
     assert "Traceback" not in out.stderr + out.stdout
+
+
+def _has_no_delay(conn) -> bool:
+    import os
+    import socket
+
+    with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+        return bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+
+def test_rank_connections_send_without_nagle_delays(tiny_paddle):
+    """multiprocessing writes a message over 16 KiB as length, then payload: with Nagle's algorithm the
+    payload waits ~40 ms for the delayed ACK of the length. A step's outputs grow past 16 KiB at 32
+    streams of a few hundred characters; every connection between processes sets TCP_NODELAY."""
+    import threading
+    from multiprocessing.connection import Listener
+
+    from fdkit.engine.rank_nodes import accept_authenticated
+    from fdkit.engine.rank_worker import _connect
+
+    key = b"k" * 16
+    with Listener(("127.0.0.1", 0)) as listener:
+        clients = []
+        thread = threading.Thread(target=lambda: clients.append(_connect(listener.address, key)))
+        thread.start()
+        server = accept_authenticated(listener, key)
+        thread.join()
+    assert _has_no_delay(server) and _has_no_delay(clients[0])
+    engine_keys = {k: v for k, v in TEST_ENGINE.items() if k != "show_progress"}
+    with LLM(tiny_paddle, in_process=False, **engine_keys) as ranked:
+        assert _has_no_delay(ranked.engine._conn)

@@ -19,7 +19,14 @@ from pathlib import Path
 
 from fdkit.config import FdkitConfig
 from fdkit.engine.rank_engine import RankProcess, stop_ranks
-from fdkit.engine.rank_nodes import HEARTBEAT_S, ClusterError, check_nodes, interface_towards, local_ranks
+from fdkit.engine.rank_nodes import (
+    HEARTBEAT_S,
+    ClusterError,
+    check_nodes,
+    interface_towards,
+    local_ranks,
+    set_no_delay,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +60,7 @@ def reach_master(config: FdkitConfig) -> Connection:
     next_log = 0.0
     while True:
         try:
-            return Client(address, authkey=engine.dist_secret.encode())
+            return set_no_delay(Client(address, authkey=engine.dist_secret.encode()))
         except AuthenticationError as exc:
             raise ClusterError(
                 f"node 0 at {address[0]}:{address[1]} refused this node's secret (FDKIT_DIST_SECRET differs)"

@@ -39,6 +39,7 @@ from fdkit.engine.rank_nodes import (
     interface_towards,
     join_nodes,
     local_ranks,
+    set_no_delay,
 )
 from fdkit.engine.sequence import Sequence
 
@@ -234,7 +235,7 @@ def _accept_rank0(listener: Listener, accepted: list[Connection]) -> None:
     with contextlib.suppress(
         AuthenticationError, EOFError, OSError
     ):  # close_listener's wake-up, a stray client
-        accepted.append(listener.accept())
+        accepted.append(set_no_delay(listener.accept()))
 
 
 def rank_job(config: FdkitConfig) -> dict:

@@ -25,7 +25,7 @@ from fdkit.checkpoint import CheckpointError
 from fdkit.config import FdkitConfig, to_config
 from fdkit.engine.llm_engine import LLMEngine, RequestFailedError, load_tokenizer
 from fdkit.engine.rank_messages import DeltaEncoder
-from fdkit.engine.rank_nodes import accept_authenticated
+from fdkit.engine.rank_nodes import accept_authenticated, set_no_delay
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def _connect(address: tuple, authkey: bytes, timeout_s: float = 60.0) -> Connect
     deadline = time.time() + timeout_s
     while True:
         try:
-            return Client(address, authkey=authkey)
+            return set_no_delay(Client(address, authkey=authkey))
         except OSError:
             if time.time() > deadline:
                 raise
