@@ -1,7 +1,8 @@
 """fdkit's C++ paged attention (fdkit/kernels/paged_attention.cc) against a numpy reference and paddle's
 path: decode rows of different lengths, a small prompt chunk (causal inside), a long row whose keys are
 split among threads, grouped and ungrouped key heads; prompt chunks in tiles (attention_tiles.h) across
-query-block and key-tile boundaries, in float32 and bf16; and the engine without a compiler."""
+query-block and key-tile boundaries, in float32 and bf16; decodes in register blocks (attention_decode.h);
+and the engine without a compiler."""
 
 from __future__ import annotations
 
@@ -47,11 +48,11 @@ def reference(q, k_cache, v_cache, key_slots, rows, kv_head_index, head_dim=HEAD
 def make_case(rows, kv_head_index, rng, head_dim=HEAD_DIM):
     num_kv_heads = max(kv_head_index) + 1
     num_keys = max(end for _, end in rows)
-    num_slots = -(-num_keys * len(rows) // BLOCK) * BLOCK + BLOCK
+    row_blocks = -(-num_keys // BLOCK)
+    num_slots = (len(rows) * row_blocks + 1) * BLOCK
     k_cache, v_cache = (rng.normal(size=(num_slots, num_kv_heads, head_dim)).astype("float32") for _ in "kv")
     key_slots = np.zeros((len(rows), num_keys), dtype=np.int64)
     blocks = rng.permutation(num_slots // BLOCK)  # rows own disjoint blocks, in random order
-    row_blocks = -(-num_keys // BLOCK)
     for row in range(len(rows)):
         mine = blocks[row * row_blocks : (row + 1) * row_blocks]
         key_slots[row] = (mine[:, None] * BLOCK + np.arange(BLOCK)).reshape(-1)[:num_keys]
@@ -158,4 +159,32 @@ def test_a_tiled_rows_keys_split_among_threads(kernel):
     q, group, caches, (k_cache, v_cache, key_slots) = make_case(rows, kv_head_index, np.random.default_rng(4))
     got = run_kernel(kernel, q, group, caches, 1, HEAD_DIM)
     want = reference(q, k_cache, v_cache, key_slots, rows, kv_head_index)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
+
+
+# decodes (fewer than 16 query vectors) in register blocks (attention_decode.h) at head dims of 128
+DECODE_ROWS = [(0, 1), (4, 5), (39, 41), (63, 64), (64, 65), (100, 101), (1300, 1301)]
+
+
+@pytest.mark.parametrize("heads_per_kv", [1, 2, 3, 5, 8, 12])
+def test_decodes_in_register_blocks(kernel, heads_per_kv):
+    """Rows of 1 and 2 new tokens at 1 to 1301 keys, 2 KV heads of 128 dims: groups of 1, 2, 4 and 8
+    vectors, some padded, 12 vectors in two groups, two queries of one row with different key counts,
+    key counts off the 16-key register blocks and the 64-key tiles."""
+    kv_head_index = [h // heads_per_kv for h in range(2 * heads_per_kv)]
+    rng = np.random.default_rng(heads_per_kv)
+    q, group, caches, (k_cache, v_cache, key_slots) = make_case(DECODE_ROWS, kv_head_index, rng, 128)
+    got = run_kernel(kernel, q, group, caches, 2, 128)
+    want = reference(q, k_cache, v_cache, key_slots, DECODE_ROWS, kv_head_index, 128)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
+
+
+def test_a_decodes_keys_split_among_threads(kernel):
+    """8 query heads on one KV head of 128 dims, one query at 1301 keys: one item, its keys in 2 parts."""
+    rows, kv_head_index = [(1300, 1301)], [0] * 8
+    q, group, caches, (k_cache, v_cache, key_slots) = make_case(
+        rows, kv_head_index, np.random.default_rng(6), 128
+    )
+    got = run_kernel(kernel, q, group, caches, 1, 128)
+    want = reference(q, k_cache, v_cache, key_slots, rows, kv_head_index, 128)
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)

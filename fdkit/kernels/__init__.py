@@ -22,7 +22,7 @@ from fdkit.engine.memory import cpu_flags
 logger = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "paged_attention.cc", HERE / "attention_tiles.h", HERE / "ops.cc"]
+SOURCES = [HERE / f for f in ("paged_attention.cc", "attention_tiles.h", "attention_decode.h", "ops.cc")]
 ONEDNN_SOURCES = [HERE / "linear.cc", HERE / "dnnl_api.h"]  # built where paddle ships oneDNN's library
 ONEDNN_LIBRARY = "libdnnl.so.3"
 CXX_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]

@@ -8,7 +8,8 @@
 // queries, KV head, key split): each reads its keys once for all the query heads that share the KV head,
 // with an online softmax over tiles of keys; the splits of a long row are merged at the end. A block with
 // at least 16 query vectors (queries x heads of the KV head) runs in SIMD tiles (attention_tiles.h), in
-// bf16 when asked and the CPU has avx512_bf16; fewer (a decode) run the scalar loop below.
+// bf16 when asked and the CPU has avx512_bf16; fewer (a decode) run in register blocks (attention_decode.h),
+// or, for head dims that are not a multiple of 128, the scalar loop below.
 
 #include <omp.h>
 
@@ -20,6 +21,7 @@
 #include <limits>
 #include <vector>
 
+#include "attention_decode.h"
 #include "attention_tiles.h"
 #include "paddle/extension.h"
 
@@ -188,6 +190,26 @@ void RunTiledItem(const Item& it, const Args& a, Partial* part, float* out) {
 }
 #endif
 
+#if defined(FDKIT_TILED_ATTENTION)
+// A few query vectors (a decode) in SIMD register blocks (attention_decode.h), float32: its unnormalized
+// outputs in `part`, merged as the scalar loop's are.
+void RunDecodeItem(const Item& it, const Args& a, Partial* part) {
+  const int64_t nq = it.num_queries * a.heads_per_group, d = a.head_dim;
+  std::vector<const float*> qv(nq);
+  std::vector<int64_t> limits(nq);
+  for (int64_t v = 0; v < nq; ++v) {
+    const int64_t t = it.first_query + v / a.heads_per_group;
+    qv[v] = a.q + (t * a.num_heads + it.group * a.heads_per_group + v % a.heads_per_group) * d;
+    limits[v] = std::min(a.num_keys[t], it.key_end);
+  }
+  part->max.assign(nq, kMasked);
+  part->sum.assign(nq, 0.f);
+  part->acc.assign(nq * d, 0.f);
+  decode::Run(qv.data(), limits.data(), nq, it.key_begin, a.k_cache, a.v_cache, a.slots + it.row * a.row_len,
+              a.kv_heads[it.group] * a.num_slots, d, a.scale, part->max.data(), part->sum.data(), part->acc.data());
+}
+#endif
+
 void RunAnyItem(const Item& it, const Args& a, bool bf16, bool is_whole, Partial* part, float* out) {
 #if defined(FDKIT_TILED_ATTENTION)
   if (it.is_tiled) {
@@ -196,6 +218,7 @@ void RunAnyItem(const Item& it, const Args& a, bool bf16, bool is_whole, Partial
 #endif
     return RunTiledItem<false>(it, a, is_whole ? nullptr : part, out);
   }
+  if (a.head_dim % decode::kDimAlign == 0) return RunDecodeItem(it, a, part);
 #endif
   RunItem(it, a.q, a.k_cache, a.v_cache, a.slots + it.row * a.row_len, a.num_keys,
           a.kv_heads[it.group] * a.num_slots, a.heads_per_group, a.num_heads, a.head_dim, a.scale, part);
