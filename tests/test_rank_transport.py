@@ -104,3 +104,32 @@ def test_rank_connections_send_without_nagle_delays(tiny_paddle):
     engine_keys = {k: v for k, v in TEST_ENGINE.items() if k != "show_progress"}
     with LLM(tiny_paddle, in_process=False, **engine_keys) as ranked:
         assert _has_no_delay(ranked.engine._conn)
+
+
+def test_the_next_step_runs_while_outputs_go_out(tiny_paddle):
+    """Rank 0 is sent the next step before a step's outputs are returned; requests added and aborted
+    while it runs come out as they do in process."""
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    engine_keys = {k: v for k, v in TEST_ENGINE.items() if k != "show_progress"}
+    runs = {}
+    with (
+        LLM(tiny_paddle, **engine_keys) as local,
+        LLM(tiny_paddle, in_process=False, **engine_keys) as ranked,
+    ):
+        for name, llm in (("local", local), ("ranked", ranked)):
+            finished = {}
+            llm.add_request("the first", params, request_id="a")
+            llm.add_request("the second", params, request_id="b")
+            for num_steps in range(100):
+                for out in llm.step():
+                    if out.finished:
+                        finished[out.request_id] = out.token_ids
+                if num_steps == 2:
+                    assert llm.abort("b")
+                    llm.add_request("the third", params, request_id="c")
+                if not llm.has_unfinished_requests():
+                    break
+            runs[name] = finished
+        assert ranked.engine._is_step_in_flight is False  # nothing left running
+    assert set(runs["ranked"]) == {"a", "c"} and runs["ranked"] == runs["local"]
+    assert all(len(ids) == 12 for ids in runs["ranked"].values())

@@ -4,7 +4,8 @@ a server's tp=1 engine, so that a forward pass never holds the server's GIL), on
 
 Rank 0 holds the engine core (scheduler, KV bookkeeping, sampler, detokenizer) and its shard of the
 model; ranks 1..N-1 hold only their shards (`fdkit/engine/rank_worker.py`). The driver (the caller's
-process) talks to rank 0 only, one request and one reply per call, and watches every rank (another
+process) talks to rank 0 only, one request and one reply per call (a step's reply is read one call
+later: the next step is sent before the last one's outputs go out), and watches every rank (another
 node's through its agent): if one dies, the others are killed and the engine reports itself dead, so
 nothing hangs on a collective. A request that fails on rank 0 (a step that raised) comes back as
 RequestFailedError; the engine serves on.
@@ -56,6 +57,8 @@ class RankEngine:
         self._closed = False
         self._is_stopped = False
         self._outputs = DeltaDecoder()
+        self._is_step_in_flight = False
+        self._step_result: list | RequestFailedError | None = None  # a step's, received before its turn
         check_nodes(config)
         if config.engine.node_rank != 0:
             raise ClusterError(f"node {config.engine.node_rank} runs `fdkit rank`; the engine runs on node 0")
@@ -103,18 +106,34 @@ class RankEngine:
         return dict(self._stats)
 
     def step(self) -> list[RequestOutput]:
-        try:
-            deltas = self._call(("step",))
-        except RequestFailedError as exc:  # rank 0 has aborted them
-            for request_id in exc.request_ids:
+        """Outputs of rank 0's step. The next step is sent before they are returned: rank 0 computes it
+        while the caller delivers these (requests added or aborted meanwhile take effect a step later)."""
+        if self._step_result is None:
+            if not self._is_step_in_flight:
+                self._send(("step",))
+            self._step_result = self._receive_step()
+        result, self._step_result = self._step_result, None
+        if isinstance(result, RequestFailedError):  # rank 0 has aborted them
+            for request_id in result.request_ids:
                 self.requests.pop(request_id, None)
                 self._outputs.forget(request_id)
-            raise
-        outputs = [self._outputs.decode(d, self.requests[d.request_id]) for d in deltas]
+            raise result
+        known = [d for d in result if d.request_id in self.requests]  # not those aborted meanwhile
+        outputs = [self._outputs.decode(d, self.requests[d.request_id]) for d in known]
         for output in outputs:
             if output.finished:
                 self.requests.pop(output.request_id, None)
+        if self.requests:
+            self._send(("step",))
+            self._is_step_in_flight = True
         return outputs
+
+    def _receive_step(self) -> list | RequestFailedError:
+        self._is_step_in_flight = False
+        try:
+            return self._receive("step")
+        except RequestFailedError as exc:
+            return exc
 
     def check_health(self) -> None:
         """Raises EngineDeadError if a rank has died (cheap: a poll of each process)."""
@@ -142,16 +161,29 @@ class RankEngine:
             stop_ranks(self.members, grace_s)
 
     def _call(self, message: tuple, timeout: float | None = None):
-        """Sends one message to rank 0 and waits for its reply, watching every rank while it waits."""
+        """Sends one message to rank 0 and waits for its reply (a step in flight is received first, its
+        result kept for the next `step`)."""
+        if self._is_step_in_flight:
+            self._step_result = self._receive_step()
+        self._send(message)
+        return self._receive(message[0], timeout)
+
+    def _send(self, message: tuple) -> None:
         if self.error is not None:
             raise EngineDeadError(self.error)
-        deadline = None if timeout is None else time.time() + timeout
         try:
             self._conn.send(message)
+        except OSError as exc:
+            self._fail(f"lost rank 0: {exc}")
+
+    def _receive(self, kind: str, timeout: float | None = None):
+        """Rank 0's reply, watching every rank while it waits."""
+        deadline = None if timeout is None else time.time() + timeout
+        try:
             while not wait([self._conn], timeout=0.2):
                 self._check_members()
                 if deadline is not None and time.time() > deadline:
-                    self._fail(f"rank 0 did not answer {message[0]!r} within {timeout} s")
+                    self._fail(f"rank 0 did not answer {kind!r} within {timeout} s")
             status, payload, *stats = self._conn.recv()  # rank 0's replies carry its stats
         except (EOFError, OSError) as exc:
             self._fail(f"lost rank 0: {exc}")
