@@ -1,5 +1,6 @@
 """fdkit's fused small ops (fdkit/kernels/ops.cc) against numpy, one and many rows (threads split large
-inputs), and an engine that runs them (and the attention kernel) against one on paddle's ops alone."""
+inputs), the sampler's argmax, and an engine that runs them (and the attention kernel) against one on
+paddle's ops alone."""
 
 from __future__ import annotations
 
@@ -38,6 +39,23 @@ def test_silu_mul(ops, rows):
     gate, up = gate_up[:, :80], gate_up[:, 80:]
     got = ops.silu_mul(paddle.to_tensor(gate_up)).numpy()
     np.testing.assert_allclose(got, gate / (1 + np.exp(-gate)) * up, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 32])
+def test_argmax(ops, rows):
+    """The first index of each row's max, as numpy and paddle: ties, -inf (banned tokens), a max at either
+    end, and a row of -inf only."""
+    rng = np.random.default_rng(rows)
+    logits = rng.normal(size=(rows, 103424)).astype("float32")
+    logits[0, [5, 70000]] = 9.0  # a tie: the first wins
+    if rows > 1:
+        logits[-1, :] = -np.inf
+        logits[1, -1], logits[2, 0] = 20.0, 20.0
+        logits[3, rng.choice(103424, 5000)] = -np.inf
+    got = ops.argmax(paddle.to_tensor(logits)).numpy()
+    assert got.dtype == np.int64
+    np.testing.assert_array_equal(got, logits.argmax(-1))
+    np.testing.assert_array_equal(got, paddle.argmax(paddle.to_tensor(logits), axis=-1).numpy())
 
 
 def rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:

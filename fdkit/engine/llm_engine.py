@@ -65,7 +65,7 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.runner = ModelRunner(config.engine, model_path, peers, world_size=config.tp)
         self.eos_token_ids = eos_token_ids(model_path, tokenizer)
-        self.sampler = Sampler(self.eos_token_ids)
+        self.sampler = Sampler(self.eos_token_ids, self.runner.fused_ops and self.runner.fused_ops.argmax)
         self.max_model_len = self.runner.max_model_len
         self.vocab_size = self.runner.model_config.vocab_size
         self.block_manager = BlockManager(

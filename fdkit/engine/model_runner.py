@@ -112,11 +112,13 @@ class ModelRunner:
         if is_cpu:
             keep_freed_memory()
         self.paged_attention = None  # paddle's ops
+        self.fused_ops = None
         if is_cpu and engine_cfg.attention_kernel:
             bf16 = self.is_compiled and engine_cfg.dtype == "bfloat16"
             self.paged_attention = paged_attention(engine_cfg.compile_cache_dir, self.threads, bf16)
+            self.fused_ops = fused_ops(engine_cfg.compile_cache_dir, self.threads)
             if not (self.compiled and self.compiled.predictors):  # no program traces the model
-                use_fused_ops(self.model, fused_ops(engine_cfg.compile_cache_dir, self.threads))
+                use_fused_ops(self.model, self.fused_ops)
 
     def _pack_linears(self) -> bool:
         """The linear layers' weights packed for oneDNN (fdkit/kernels/linear.cc); False where the kernel

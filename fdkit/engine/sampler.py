@@ -6,6 +6,8 @@ whenever every row's kept set lies inside them; otherwise the batch falls back t
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import paddle
 import paddle.nn.functional as F
@@ -16,8 +18,10 @@ NUM_CANDIDATES = 256
 
 
 class Sampler:
-    def __init__(self, eos_token_ids: list[int]):
+    def __init__(self, eos_token_ids: list[int], argmax: Callable | None = None):
+        """`argmax`: rows' argmax of float32 logits (fdkit's kernel on CPU), else paddle's."""
         self.eos_token_ids = list(eos_token_ids)
+        self.argmax = argmax or (lambda logits: paddle.argmax(logits, axis=-1))
 
     def __call__(
         self, logits: paddle.Tensor, seqs: list[Sequence], allowed: np.ndarray | None = None
@@ -32,13 +36,13 @@ class Sampler:
         logits = banned if allowed is None else _apply_allowed(logits, banned, allowed, banned_ids)
         greedy = np.array([p.is_greedy for p in params])
         if greedy.all():
-            return paddle.argmax(logits, axis=-1).tolist()
+            return self.argmax(logits).tolist()
         uniforms = paddle.to_tensor(np.array([seq.rng.random() for seq in seqs], dtype=np.float32))
         temperatures = np.array([1.0 if g else p.temperature for g, p in zip(greedy, params, strict=True)])
         probs = F.softmax(logits / paddle.to_tensor(temperatures[:, None], dtype="float32"), axis=-1)
         tokens = self._sample(probs, params, uniforms)
         if greedy.any():
-            tokens = np.where(greedy, paddle.argmax(logits, axis=-1).numpy(), tokens)
+            tokens = np.where(greedy, self.argmax(logits).numpy(), tokens)
         return [int(t) for t in tokens]
 
     def logprobs(self, logits: paddle.Tensor, token_ids: list[int], seqs: list[Sequence]) -> list:

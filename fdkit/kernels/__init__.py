@@ -60,6 +60,10 @@ class FusedOps:
     def silu_mul(self, gate_up: paddle.Tensor) -> paddle.Tensor:
         return self.module.fdkit_silu_mul(gate_up, self.num_threads)
 
+    def argmax(self, logits: paddle.Tensor) -> paddle.Tensor:
+        """Each row's argmax (int64 [rows]), the first index on ties."""
+        return self.module.fdkit_argmax(logits, self.num_threads)
+
     def write_cache(self, k_cache, v_cache, k, v, slot_mapping) -> None:
         """k, v [tokens, kv_heads, d] into the head-major caches at `slot_mapping`, in place."""
         self.module.fdkit_write_cache(k_cache, v_cache, k, v, slot_mapping)
