@@ -108,7 +108,7 @@ def test_rank_connections_send_without_nagle_delays(tiny_paddle):
 
 def test_the_next_step_runs_while_outputs_go_out(tiny_paddle):
     """Rank 0 is sent the next step before a step's outputs are returned; requests added and aborted
-    while it runs come out as they do in process."""
+    while it runs, and a request id used again right after its abort, come out as they do in process."""
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     engine_keys = {k: v for k, v in TEST_ENGINE.items() if k != "show_progress"}
     runs = {}
@@ -127,6 +127,9 @@ def test_the_next_step_runs_while_outputs_go_out(tiny_paddle):
                 if num_steps == 2:
                     assert llm.abort("b")
                     llm.add_request("the third", params, request_id="c")
+                if num_steps == 4:  # the same id again, at once: nothing of the old request reaches it
+                    assert llm.abort("a")
+                    llm.add_request("a fourth", params, request_id="a")
                 if not llm.has_unfinished_requests():
                     break
             runs[name] = finished

@@ -96,7 +96,11 @@ class RankEngine:
         if self.requests.pop(request_id, None) is None:
             return False
         self._outputs.forget(request_id)
-        return self._call(("abort", request_id))
+        is_aborted = self._call(("abort", request_id))
+        if isinstance(self._step_result, list):  # a step run before the abort: drop its stale output, which
+            # a new request under the same id would otherwise take as its own
+            self._step_result = [d for d in self._step_result if d.request_id != request_id]
+        return is_aborted
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
