@@ -122,8 +122,7 @@ class RankEngine:
                 self.requests.pop(request_id, None)
                 self._outputs.forget(request_id)
             raise result
-        known = [d for d in result if d.request_id in self.requests]  # not those aborted meanwhile
-        outputs = [self._outputs.decode(d, self.requests[d.request_id]) for d in known]
+        outputs = [self._outputs.decode(d, self.requests[d.request_id]) for d in result]
         for output in outputs:
             if output.finished:
                 self.requests.pop(output.request_id, None)
